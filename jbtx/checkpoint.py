@@ -1,0 +1,136 @@
+"""jbtx checkpoint directories: a model config plus an Orbax parameter tree.
+
+    DIR/jbtx.json   {"format": "jbtx", "version": 1, "kind": "llama", "model": {...}, ...}
+    DIR/params/     Orbax (OCDBT) checkpoint of the parameter pytree
+
+Directories are written under a temporary sibling name and renamed into place only
+when complete, so an interrupted write never leaves a directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jbtx import config as config_lib
+from jbtx.config import ModelConfig
+from jbtx.models.llama import Llama
+
+CONFIG_FILE = "jbtx.json"
+PARAMS_DIR = "params"
+FORMAT = "jbtx"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+  """A directory is not a complete jbtx checkpoint, or cannot be written."""
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """Yields a fresh temporary directory that becomes `path` when the block succeeds.
+
+  Raises CheckpointError (before anything is written) if `path` exists and is not an
+  empty directory; on failure inside the block the temporary directory is removed and
+  `path` is left untouched.
+  """
+  path = pathlib.Path(path).absolute()
+  if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    raise CheckpointError(f"output {path} already exists; choose a new path or remove it")
+  tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+  tmp.mkdir(parents=True)
+  try:
+    yield tmp
+    if path.exists():
+      path.rmdir()
+    tmp.rename(path)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp)
+
+
+def save(directory: str | os.PathLike, model_config: ModelConfig, params: Any,
+         kind: str = "llama", extra: dict[str, Any] | None = None) -> pathlib.Path:
+  """Writes `params` (numpy or jax arrays) and `model_config` as a jbtx checkpoint.
+
+  Args:
+    directory: the checkpoint directory to create (must not exist, or be empty).
+    model_config: the model shape.
+    params: the parameter pytree in the layout of `kind`'s model.
+    kind: model family ("llama").
+    extra: more JSON-serialisable facts to record (e.g. the conversion source).
+
+  Returns:
+    The absolute checkpoint path.
+  """
+  with atomic_directory(directory) as tmp:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(tmp / PARAMS_DIR, params)
+      checkpointer.wait_until_finished()
+    record = {"format": FORMAT, "version": VERSION, "kind": kind,
+              "model": config_lib.to_dict(model_config), **(extra or {})}
+    (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+  return pathlib.Path(directory).absolute()
+
+
+def read_record(directory: str | os.PathLike) -> dict[str, Any]:
+  """The parsed `jbtx.json` of a checkpoint directory, validated."""
+  path = pathlib.Path(directory).absolute() / CONFIG_FILE
+  if not path.is_file():
+    raise CheckpointError(f"{path.parent} is not a jbtx checkpoint: {CONFIG_FILE} is missing")
+  try:
+    record = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+  if record.get("format") != FORMAT or record.get("version") != VERSION:
+    raise CheckpointError(f"{path}: expected format {FORMAT!r} version {VERSION}, got "
+                          f"{record.get('format')!r} version {record.get('version')!r}")
+  if not (path.parent / PARAMS_DIR).is_dir():
+    raise CheckpointError(f"{path.parent}: the {PARAMS_DIR}/ directory is missing")
+  return record
+
+
+def load_config(directory: str | os.PathLike) -> ModelConfig:
+  """The model config recorded in a checkpoint directory."""
+  record = read_record(directory)
+  try:
+    return config_lib.from_mapping(ModelConfig, record["model"], "model")
+  except config_lib.ConfigError as e:
+    raise CheckpointError(f"{pathlib.Path(directory) / CONFIG_FILE}: {e}") from None
+
+
+def load_params(directory: str | os.PathLike, as_numpy: bool = False) -> Any:
+  """The parameter tree of a checkpoint: jax arrays on the default device, or numpy."""
+  read_record(directory)
+  params_dir = pathlib.Path(directory).absolute() / PARAMS_DIR
+  with ocp.StandardCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(params_dir).item_metadata.tree
+    if as_numpy:
+      target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), metadata)
+    else:
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            metadata)
+    return checkpointer.restore(params_dir, target)
+
+
+def load(directory: str | os.PathLike) -> tuple[Llama, Any]:
+  """`(model, params)` from any jbtx checkpoint directory.
+
+  `model.apply({"params": params}, tokens)` maps int32 tokens `[batch, seq]` to float32
+  logits `[batch, seq, vocab]`.
+  """
+  record = read_record(directory)
+  if record["kind"] != "llama":
+    raise CheckpointError(f"{directory}: unknown model kind {record['kind']!r}")
+  return Llama(load_config(directory)), load_params(directory)

@@ -1,0 +1,200 @@
+"""Typed, validated configuration.
+
+Experiment files in `configs/` return an `ml_collections.ConfigDict`; `parse` turns it
+into frozen dataclasses once, at the edge of the program. Every later piece of jbtx
+takes those dataclasses, never raw dicts. Unknown keys, values of the wrong type and
+impossible combinations are rejected with a `ConfigError` that names the full key,
+e.g. ``config key 'model.n_kv_heads': must divide model.n_heads (32), got 5``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
+
+DType = Literal["float32", "bfloat16", "float16"]
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+  """A configuration value is unknown, mistyped or impossible; the message names the key."""
+
+  def __init__(self, key: str, message: str):
+    self.key = key
+    self.message = message
+    super().__init__(f"config key '{key}': {message}")
+
+  def under(self, prefix: str) -> ConfigError:
+    """The same error with `prefix` prepended to the key path."""
+    return ConfigError(f"{prefix}.{self.key}" if prefix else self.key, self.message)
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+  if not condition:
+    raise ConfigError(key, message)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of a Llama-style decoder.
+
+  Attributes:
+    vocab_size: number of token ids.
+    d_model: residual stream width.
+    n_layers: number of decoder blocks.
+    n_heads: query heads; `head_dim = d_model // n_heads`.
+    n_kv_heads: key/value heads (grouped-query attention when < n_heads).
+    d_ff: hidden width of the SwiGLU MLP.
+    rope_theta: base of the rotary frequencies.
+    norm_eps: epsilon of every RMSNorm.
+    max_seq_len: longest sequence the model is meant for (default KV-cache length).
+    dtype: compute dtype of activations and matmuls.
+    param_dtype: storage dtype of parameters (e.g. float32 master weights).
+    scan_layers: run the blocks with `nn.scan` (parameters stacked on a leading
+      "layers" axis) instead of unrolling them (parameters under `layers_{i}`).
+    remat_policy: activation rematerialisation of each block: "none", "full"
+      (save nothing), "dots" (save matmul outputs), "dots_no_batch".
+    init_std: standard deviation of the normal initialiser of all kernels.
+  """
+
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  d_ff: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  max_seq_len: int = 4096
+  dtype: DType = "float32"
+  param_dtype: DType = "float32"
+  scan_layers: bool = True
+  remat_policy: RematPolicy = "none"
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                "max_seq_len"):
+      _require(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
+    _require(self.d_model % self.n_heads == 0, "n_heads",
+             f"must divide d_model ({self.d_model}), got {self.n_heads}")
+    _require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
+             f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
+    _require(self.head_dim % 2 == 0, "n_heads",
+             f"head_dim = d_model / n_heads must be even for rotary embeddings, "
+             f"got {self.head_dim}")
+    _require(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
+    _require(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
+    _require(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  def num_params(self) -> int:
+    """Total parameter count (embeddings and output layer included)."""
+    attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+    mlp = 3 * self.d_model * self.d_ff
+    block = attn + mlp + 2 * self.d_model
+    return self.n_layers * block + 2 * self.vocab_size * self.d_model + self.d_model
+
+
+# --------------------------------------------------------------------------------------
+# Generic ConfigDict -> dataclass conversion.
+# --------------------------------------------------------------------------------------
+
+
+def from_mapping(cls: type[T], data: Mapping[str, Any] | Any, key: str = "") -> T:
+  """Builds the frozen dataclass `cls` from a (Config)dict, checking every key and type.
+
+  Args:
+    cls: a dataclass type whose fields carry type annotations.
+    data: a mapping (dict or `ml_collections.ConfigDict`) with the field values.
+    key: the dotted path of `data` in the full config, used in error messages.
+
+  Raises:
+    ConfigError: for unknown or missing keys, wrong types or invalid values.
+  """
+  if hasattr(data, "to_dict"):
+    data = data.to_dict()
+  if not isinstance(data, Mapping):
+    raise ConfigError(key or "<root>", f"expected a group of settings, got {data!r}")
+  hints = typing.get_type_hints(cls)
+  fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+  unknown = sorted(set(data) - set(fields))
+  if unknown:
+    raise ConfigError(_join(key, unknown[0]),
+                      f"unknown key; valid keys are {', '.join(sorted(fields))}")
+  values = {}
+  for name, field in fields.items():
+    path = _join(key, name)
+    if name in data:
+      values[name] = _coerce(hints[name], data[name], path)
+    elif (field.default is dataclasses.MISSING
+          and field.default_factory is dataclasses.MISSING):
+      raise ConfigError(path, "missing required key")
+  try:
+    return cls(**values)
+  except ConfigError as e:
+    raise e.under(key) from None
+
+
+def _join(prefix: str, name: str) -> str:
+  return f"{prefix}.{name}" if prefix else name
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+  """Checks `value` against the type `hint`; returns it converted where lossless."""
+  origin = typing.get_origin(hint)
+  args = typing.get_args(hint)
+  if dataclasses.is_dataclass(hint):
+    return from_mapping(hint, value, key)
+  if origin in (typing.Union, types.UnionType):
+    if value is None and type(None) in args:
+      return None
+    errors = []
+    for option in (a for a in args if a is not type(None)):
+      try:
+        return _coerce(option, value, key)
+      except ConfigError as e:
+        errors.append(e.message)
+    raise ConfigError(key, " or ".join(errors))
+  if origin is Literal:
+    if value not in args:
+      raise ConfigError(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+    return value
+  if origin is tuple:
+    if not isinstance(value, (tuple, list)):
+      raise ConfigError(key, f"expected a tuple, got {value!r}")
+    item_type = args[0]
+    return tuple(_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value))
+  if origin in (dict, Mapping):
+    if hasattr(value, "to_dict"):
+      value = value.to_dict()
+    if not isinstance(value, Mapping):
+      raise ConfigError(key, f"expected a mapping, got {value!r}")
+    return types.MappingProxyType(
+        {k: _coerce(args[1], v, _join(key, k)) for k, v in value.items()})
+  if hint is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(key, f"expected a number, got {value!r}")
+    return float(value)
+  if hint is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(key, f"expected an integer, got {value!r}")
+    return value
+  if hint in (str, bool):
+    if not isinstance(value, hint):
+      raise ConfigError(key, f"expected {hint.__name__}, got {value!r}")
+    return value
+  raise TypeError(f"unsupported config annotation {hint!r} for {key}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+  """The plain-dict form of a config dataclass (inverse of `from_mapping`)."""
+  return dataclasses.asdict(config)

@@ -1,0 +1,241 @@
+"""The dense Llama-2 decoder as pure-functional Flax Linen modules.
+
+    tokens [batch, seq] -> Embed -> n_layers x Block -> RMSNorm -> lm_head -> logits
+
+Block = x + Attention(RMSNorm(x)); x + MLP(RMSNorm(x)). Attention is grouped-query
+(`n_kv_heads` ≤ `n_heads`) with rotary embeddings, a causal mask and, for packed rows,
+a segment mask so that no token attends across documents. The output layer is untied.
+
+Incremental decoding: a model built with `decode=True` keeps a key/value cache in the
+"cache" collection (see `jbtx.eval.generate`). Each call appends its tokens at the
+cache index and attends to everything cached so far.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jbtx.config import ModelConfig
+from jbtx.models.layers import (
+    Dense,
+    Embed,
+    RMSNorm,
+    apply_rope,
+    constrain,
+    positions_from_segments,
+)
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def attention_mask(segment_ids: jax.Array | None, seq_len: int) -> jax.Array:
+  """Causal mask, intersected with "same segment" for packed rows.
+
+  Returns:
+    bool `[batch or 1, 1, seq, seq]`, True where query i may attend to key j.
+  """
+  index = jnp.arange(seq_len)
+  mask = (index[:, None] >= index[None, :])[None, None]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+  return mask
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          mask: jax.Array) -> jax.Array:
+  """Grouped-query attention with float32 softmax.
+
+  Args:
+    q: `[batch, q_len, n_heads, head_dim]`.
+    k, v: `[batch, kv_len, n_kv_heads, head_dim]`.
+    mask: bool, broadcastable to `[batch, 1, q_len, kv_len]`.
+
+  Returns:
+    `[batch, q_len, n_heads, head_dim]` in the dtype of `v`.
+  """
+  batch, q_len, n_heads, head_dim = q.shape
+  n_kv = k.shape[2]
+  q = q.reshape(batch, q_len, n_kv, n_heads // n_kv, head_dim)
+  scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
+  scores = scores / jnp.sqrt(jnp.float32(head_dim))
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
+  return out.reshape(batch, q_len, n_heads, head_dim)
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query self-attention with rotary embeddings."""
+
+  config: ModelConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array | None) -> jax.Array:
+    """`[batch, seq, embed]` -> `[batch, seq, embed]`."""
+    cfg = self.config
+    d, hd = cfg.d_model, cfg.head_dim
+    q = Dense(cfg, (d,), (cfg.n_heads, hd), ("embed", "q_heads", "head_dim"), name="q")(x)
+    k = Dense(cfg, (d,), (cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), name="k")(x)
+    v = Dense(cfg, (d,), (cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), name="v")(x)
+    q = constrain(apply_rope(q, positions, cfg.rope_theta),
+                  ("act_batch", "act_length", "act_q_heads", "act_head_dim"))
+    k = constrain(apply_rope(k, positions, cfg.rope_theta),
+                  ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
+    if self.decode:
+      k, v, mask = self._update_cache(k, v)
+    else:
+      mask = attention_mask(segment_ids, x.shape[1])
+    out = dot_product_attention(q, k, v, mask)
+    out = constrain(out, ("act_batch", "act_length", "act_q_heads", "act_head_dim"))
+    return Dense(cfg, (cfg.n_heads, hd), (d,), ("q_heads", "head_dim", "embed"), name="o")(out)
+
+  def _update_cache(self, k: jax.Array, v: jax.Array):
+    """Writes `k, v [batch, q_len, kv, hd]` at the cache index; returns the full cache.
+
+    The cache length is the sequence length of the input the cache was initialised
+    with (`jbtx.eval.generate.init_cache`). Returns cached keys and values
+    `[batch, cache_len, kv, hd]` and the mask `[1, 1, q_len, cache_len]`.
+    """
+    is_initialized = self.has_variable("cache", "key")
+    cached_k = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+    cached_v = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+    index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+    cache_len = cached_k.value.shape[1]
+    q_len = k.shape[1]
+    if not is_initialized:  # Shape-only initialisation call: nothing to write yet.
+      return k, v, attention_mask(None, q_len)
+    start = index.value
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
+    index.value = start + q_len
+    query_index = start + jnp.arange(q_len)
+    mask = jnp.arange(cache_len)[None, :] <= query_index[:, None]
+    return cached_k.value, cached_v.value, mask[None, None]
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`[batch, seq, embed]` -> `[batch, seq, embed]`."""
+    cfg = self.config
+    gate = Dense(cfg, (cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"), name="gate")(x)
+    up = Dense(cfg, (cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"), name="up")(x)
+    hidden = constrain(nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+    return Dense(cfg, (cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), name="down")(hidden)
+
+
+class Block(nn.Module):
+  """One pre-norm decoder block. Returns `(x, None)` so it can be the body of `nn.scan`."""
+
+  config: ModelConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None):
+    cfg = self.config
+    h = RMSNorm(cfg, name="attn_norm")(x)
+    x = x + Attention(cfg, self.decode, name="attn")(h, positions, segment_ids)
+    h = RMSNorm(cfg, name="mlp_norm")(x)
+    x = x + MLP(cfg, name="mlp")(h)
+    return constrain(x, ("act_batch", "act_length", "act_embed")), None
+
+
+def block_stack(block_cls: type[nn.Module], config: ModelConfig) -> type[nn.Module]:
+  """`block_cls` wrapped with the config's remat policy and, if `scan_layers`, `nn.scan`.
+
+  With scanning, parameters (and KV caches) gain a leading "layers" axis of size
+  `n_layers`; the returned class is then called once for all layers.
+  """
+  if config.remat_policy != "none":
+    block_cls = nn.remat(block_cls, policy=_REMAT_POLICIES[config.remat_policy],
+                         prevent_cse=not config.scan_layers)
+  if not config.scan_layers:
+    return block_cls
+  return nn.scan(
+      block_cls,
+      variable_axes={"params": 0, "cache": 0},
+      split_rngs={"params": True},
+      in_axes=(nn.broadcast, nn.broadcast),
+      length=config.n_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+  )
+
+
+class Llama(nn.Module):
+  """Dense Llama-2 decoder: int tokens `[batch, seq]` -> float32 logits `[batch, seq, vocab]`.
+
+  Attributes:
+    config: the model shape and numerics.
+    decode: build the incremental-decoding variant that reads and writes a KV cache.
+  """
+
+  config: ModelConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """Runs the decoder.
+
+    Args:
+      tokens: int `[batch, seq]`.
+      positions: int `[batch, seq]` rotary positions; by default `0..seq-1`, or
+        restarting at each document when `segment_ids` is given. Required when
+        decoding (the position of each new token in its sequence).
+      segment_ids: int `[batch, seq]` document ids of packed rows (tokens attend only
+        within their document); None for one document per row.
+
+    Returns:
+      float32 logits `[batch, seq, vocab]`.
+    """
+    cfg = self.config
+    if positions is None:
+      if self.decode:
+        raise ValueError("positions are required when decoding with a KV cache")
+      if segment_ids is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+      else:
+        positions = positions_from_segments(segment_ids)
+    x = Embed(cfg, name="embed")(tokens)
+    x = constrain(x, ("act_batch", "act_length", "act_embed"))
+    x = self.run_blocks(x, positions, segment_ids)
+    x = RMSNorm(cfg, name="final_norm")(x)
+    logits = Dense(cfg, (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x)
+    return constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+
+  def run_blocks(self, x: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array | None) -> jax.Array:
+    """Applies the `n_layers` blocks, scanned (params under "layers") or unrolled."""
+    cfg = self.config
+    stack = block_stack(Block, cfg)
+    if cfg.scan_layers:
+      x, _ = stack(cfg, self.decode, name="layers")(x, positions, segment_ids)
+      return x
+    for i in range(cfg.n_layers):
+      x, _ = stack(cfg, self.decode, name=f"layers_{i}")(x, positions, segment_ids)
+    return x
+
+
+def abstract_params(model: Llama):
+  """The boxed parameter tree of `model` as shapes only (`nn.LogicallyPartitioned` leaves)."""
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]
+
+
+def init_params(model: Llama, rng: jax.Array):
+  """Fresh parameters of `model`, unboxed (a plain nested dict of arrays)."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return nn.meta.unbox(model.init(rng, tokens)["params"])
+

@@ -1,0 +1,49 @@
+"""Named model shapes.
+
+The Llama-2 shapes are the published ones (Touvron et al. 2023, and the `params.json`
+of Meta's release): d_ff follows Meta's rule
+`multiple_of * ceil(ffn_dim_multiplier * int(8 * d_model / 3) / multiple_of)`.
+The tiny presets are for tests and the CPU demo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import ml_collections
+
+from jbtx.config import ModelConfig
+
+_LLAMA2 = dict(vocab_size=32000, rope_theta=10000.0, norm_eps=1e-5, max_seq_len=4096)
+
+_PRESETS: dict[str, Callable[[], ModelConfig]] = {
+    "llama2_7b": lambda: ModelConfig(**_LLAMA2, d_model=4096, n_layers=32, n_heads=32,
+                                     n_kv_heads=32, d_ff=11008),
+    "llama2_13b": lambda: ModelConfig(**_LLAMA2, d_model=5120, n_layers=40, n_heads=40,
+                                      n_kv_heads=40, d_ff=13824),
+    "llama2_70b": lambda: ModelConfig(**_LLAMA2, d_model=8192, n_layers=80, n_heads=64,
+                                      n_kv_heads=8, d_ff=28672),
+    # ~0.9M parameters, byte vocabulary: the CPU demo and most tests.
+    "tiny": lambda: ModelConfig(vocab_size=259, d_model=128, n_layers=4, n_heads=4,
+                                n_kv_heads=2, d_ff=352, max_seq_len=512),
+    # ~45k parameters, for fast unit tests.
+    "micro": lambda: ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4,
+                                 n_kv_heads=2, d_ff=72, max_seq_len=128),
+}
+
+
+def names() -> list[str]:
+  return sorted(_PRESETS)
+
+
+def get(name: str, **overrides) -> ModelConfig:
+  """The preset `name`, with fields replaced by `overrides`."""
+  if name not in _PRESETS:
+    raise KeyError(f"unknown model preset {name!r}; known presets: {', '.join(names())}")
+  return dataclasses.replace(_PRESETS[name](), **overrides)
+
+
+def config_dict(name: str, **overrides) -> ml_collections.ConfigDict:
+  """The preset as a ConfigDict, for experiment files (`config.model = config_dict(...)`)."""
+  return ml_collections.ConfigDict(dataclasses.asdict(get(name, **overrides)))
