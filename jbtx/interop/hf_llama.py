@@ -1,0 +1,83 @@
+"""Hugging Face Llama checkpoint folders: `config.json` plus weight files.
+
+Weights may be one `model.safetensors` / `pytorch_model.bin`, or shards listed in a
+`model.safetensors.index.json` / `pytorch_model.bin.index.json` weight map.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+from jbtx.interop.llama_hf import ConversionError, model_config_from_hf
+from jbtx.interop.tensor_files import TensorFileError, TensorReader, open_tensor_file
+
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SINGLE = ("model.safetensors", "pytorch_model.bin")
+
+
+class HFCheckpoint:
+  """Read-only view of an HF Llama folder, tensor by tensor."""
+
+  def __init__(self, directory: pathlib.Path):
+    self.directory = directory
+    config_path = directory / "config.json"
+    try:
+      self.hf_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+      raise ConversionError(f"{config_path}: not valid JSON ({e})") from None
+    self.model_config = model_config_from_hf(self.hf_config, str(config_path))
+    self.readers: dict[str, TensorReader] = {}
+    self._file_of: dict[str, str] = {}
+    self.shapes: dict[str, tuple[int, ...]] = {}
+    self._index_tensors(self._weight_files())
+
+  def _weight_files(self) -> list[str]:
+    for index_name in _INDEXES:
+      index_path = self.directory / index_name
+      if index_path.is_file():
+        try:
+          weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+          raise ConversionError(f"{index_path}: not a valid weight index ({e})") from None
+        self._file_of = dict(weight_map)
+        return sorted(set(weight_map.values()))
+    for name in _SINGLE:
+      if (self.directory / name).is_file():
+        return [name]
+    raise ConversionError(f"{self.directory}: config.json found but no weights "
+                          f"({', '.join(_SINGLE + _INDEXES)})")
+
+  def _index_tensors(self, files: list[str]) -> None:
+    for file_name in files:
+      path = self.directory / file_name
+      if not path.is_file():
+        raise ConversionError(f"{path}: listed in the weight index but missing")
+      reader = self.readers[file_name] = open_tensor_file(path)
+      for name, info in reader.infos().items():
+        if name in self.shapes:
+          raise ConversionError(f"{path}: tensor {name!r} also appears in "
+                                f"{self._file_of[name]}")
+        if self._file_of.get(name, file_name) != file_name:
+          continue  # The index assigns this name to another file.
+        self._file_of[name] = file_name
+        self.shapes[name] = info.shape
+    for name, file_name in self._file_of.items():
+      if name not in self.shapes:
+        raise ConversionError(f"{self.directory / file_name}: tensor {name!r} is listed in "
+                              "the weight index but not in the file")
+
+  def where(self, name: str) -> str:
+    return str(self.directory / self._file_of.get(name, ""))
+
+  def read(self, name: str) -> np.ndarray:
+    try:
+      return self.readers[self._file_of[name]].read(name)
+    except TensorFileError as e:
+      raise ConversionError(str(e)) from None
+
+  def close(self) -> None:
+    for reader in self.readers.values():
+      reader.close()

@@ -1,0 +1,101 @@
+"""Tiny random Llama checkpoints written by the tests themselves, in HF and Meta layouts."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+torch = __import__("pytest").importorskip("torch")
+transformers = __import__("pytest").importorskip("transformers")
+
+# Odd sizes on purpose: nothing a power of two, head_dim 10, a non-default rope theta.
+MHA = dict(vocab_size=131, hidden_size=60, intermediate_size=100, num_hidden_layers=3,
+           num_attention_heads=6, num_key_value_heads=6, rope_theta=31337.0,
+           rms_norm_eps=1e-5, max_position_embeddings=64)
+GQA = dict(MHA, num_attention_heads=6, num_key_value_heads=2, rope_theta=500000.0)
+
+
+def hf_model(shape: dict, seed: int = 0):
+  """A random `LlamaForCausalLM`; norms are randomised too so no weight is all ones."""
+  torch.manual_seed(seed)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape)).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+  return model
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.from_numpy(tokens).long()).logits.float().numpy()
+
+
+def save_hf(model, directory: pathlib.Path, **kwargs) -> pathlib.Path:
+  model.save_pretrained(directory, **kwargs)
+  return directory
+
+
+def _to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+  """Inverse of HF's rotary permutation: rotate-half rows back to Meta's pairs."""
+  rows, cols = w.shape
+  return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+_META_NAMES = {
+    "self_attn.q_proj": ("attention.wq", 0), "self_attn.k_proj": ("attention.wk", 0),
+    "self_attn.v_proj": ("attention.wv", 0), "self_attn.o_proj": ("attention.wo", 1),
+    "mlp.gate_proj": ("feed_forward.w1", 0), "mlp.down_proj": ("feed_forward.w2", 1),
+    "mlp.up_proj": ("feed_forward.w3", 0), "input_layernorm": ("attention_norm", None),
+    "post_attention_layernorm": ("ffn_norm", None),
+}
+
+
+def meta_state_dicts(model, n_shards: int) -> list[dict[str, torch.Tensor]]:
+  """The model as Meta's model-parallel shards (`consolidated.NN.pth` contents)."""
+  cfg = model.config
+  full: dict[str, tuple[torch.Tensor, int | None]] = {
+      "tok_embeddings.weight": (model.model.embed_tokens.weight, 1),
+      "norm.weight": (model.model.norm.weight, None),
+      "output.weight": (model.lm_head.weight, 0),
+  }
+  for i, layer in enumerate(model.model.layers):
+    for hf_name, (meta_name, axis) in _META_NAMES.items():
+      w = layer.get_submodule(hf_name).weight
+      if hf_name == "self_attn.q_proj":
+        w = _to_interleaved(w, cfg.num_attention_heads)
+      elif hf_name == "self_attn.k_proj":
+        w = _to_interleaved(w, cfg.num_key_value_heads)
+      full[f"layers.{i}.{meta_name}.weight"] = (w, axis)
+  shards = [{} for _ in range(n_shards)]
+  for name, (w, axis) in full.items():
+    w = w.detach().clone()
+    parts = [w] * n_shards if axis is None else torch.chunk(w, n_shards, dim=axis)
+    for shard, part in zip(shards, parts):
+      shard[name] = part.clone()
+  for shard in shards:
+    shard["rope.freqs"] = torch.ones(cfg.hidden_size // cfg.num_attention_heads // 2)
+  return shards
+
+
+def meta_params_json(model) -> dict:
+  cfg = model.config
+  return {"dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers,
+          "n_heads": cfg.num_attention_heads, "n_kv_heads": cfg.num_key_value_heads,
+          "vocab_size": -1, "multiple_of": 4, "norm_eps": cfg.rms_norm_eps,
+          "rope_theta": cfg.rope_parameters["rope_theta"]}
+
+
+def save_meta(model, directory: pathlib.Path, n_shards: int = 2,
+              params: dict | None = None) -> pathlib.Path:
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / "params.json").write_text(json.dumps(params or meta_params_json(model)))
+  for i, shard in enumerate(meta_state_dicts(model, n_shards)):
+    torch.save(shard, directory / f"consolidated.{i:02d}.pth")
+  return directory
+
+
+def random_tokens(vocab: int, shape=(2, 13), seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, vocab, size=shape).astype(np.int32)
