@@ -1,0 +1,106 @@
+"""Autoregressive generation with a key/value cache.
+
+    tokens = generate(model, params, prompt, max_new_tokens=32, rng=key,
+                      temperature=0.8, top_p=0.95)
+
+The prompt is run once (prefill), then one token per step; each step attends to the
+cache instead of recomputing the prefix. `temperature=0` is greedy decoding.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Cache = Any
+
+
+def init_cache(model: nn.Module, batch: int, cache_len: int) -> Cache:
+  """A zeroed KV cache for `batch` sequences of up to `cache_len` tokens."""
+  decoder = model.clone(decode=True)
+  tokens = jnp.zeros((batch, cache_len), jnp.int32)
+
+  def init():
+    return decoder.init(jax.random.key(0), tokens, positions=tokens)["cache"]
+
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init))
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def decode(model: nn.Module, params: Any, cache: Cache, tokens: jax.Array,
+           positions: jax.Array) -> tuple[jax.Array, Cache]:
+  """Appends `tokens [batch, n]` at `positions [batch, n]` to the cache.
+
+  Returns:
+    float32 logits `[batch, n, vocab]` for the new tokens, and the updated cache.
+  """
+  logits, variables = model.clone(decode=True).apply(
+      {"params": params, "cache": cache}, tokens, positions=positions, mutable=["cache"])
+  return logits, variables["cache"]
+
+
+def sample(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
+  """Draws one token per row of `logits [batch, vocab]` (greedy when temperature == 0).
+
+  Nucleus sampling keeps the smallest set of most likely tokens whose probability
+  reaches `top_p` (always at least the most likely one).
+  """
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # Number of tokens needed to reach top_p; the threshold is the smallest kept logit.
+    keep = jnp.sum(cumulative - jax.nn.softmax(sorted_logits, axis=-1) < top_p, axis=-1)
+    threshold = jnp.take_along_axis(sorted_logits, keep[:, None] - 1, axis=-1)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_p",
+                                             "eos_id"))
+def generate(model: nn.Module, params: Any, prompt: jax.Array, max_new_tokens: int,
+             rng: jax.Array, temperature: float = 0.0, top_p: float = 1.0,
+             eos_id: int | None = None) -> jax.Array:
+  """Continues each row of `prompt`.
+
+  Args:
+    model: a decoder (e.g. `jbtx.models.llama.Llama`) with a `decode` attribute.
+    params: its parameters.
+    prompt: int32 `[batch, prompt_len]`; all rows have the same length.
+    max_new_tokens: number of tokens to append.
+    rng: PRNG key for sampling.
+    temperature: softmax temperature; 0 for greedy decoding.
+    top_p: nucleus-sampling mass in (0, 1].
+    eos_id: if given, rows that emitted it keep emitting it.
+
+  Returns:
+    int32 `[batch, prompt_len + max_new_tokens]`: the prompt followed by the new tokens.
+  """
+  batch, prompt_len = prompt.shape
+  cache = init_cache(model, batch, prompt_len + max_new_tokens)
+  positions = jnp.broadcast_to(jnp.arange(prompt_len), prompt.shape)
+  logits, cache = decode(model, params, cache, prompt, positions)
+  rngs = jax.random.split(rng, max_new_tokens)
+  first = sample(logits[:, -1], rngs[0], temperature, top_p)
+  done = jnp.zeros((batch,), bool) if eos_id is None else first == eos_id
+
+  def step(carry, inputs):
+    cache, token, done = carry
+    rng, position = inputs
+    logits, cache = decode(model, params, cache, token[:, None],
+                           jnp.full((batch, 1), position, jnp.int32))
+    next_token = sample(logits[:, -1], rng, temperature, top_p)
+    if eos_id is not None:
+      next_token = jnp.where(done, eos_id, next_token)
+      done = done | (next_token == eos_id)
+    return (cache, next_token, done), next_token
+
+  positions = prompt_len + jnp.arange(max_new_tokens - 1)
+  _, rest = jax.lax.scan(step, (cache, first, done), (rngs[1:], positions))
+  return jnp.concatenate([prompt, first[:, None], rest.T], axis=1).astype(jnp.int32)
