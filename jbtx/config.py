@@ -20,6 +20,8 @@ RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
 T = TypeVar("T")
 
+BYTE_VOCAB_SIZE = 259  # jbtx.data.tokenizers.ByteTokenizer.vocab_size
+
 
 class ConfigError(ValueError):
   """A configuration value is unknown, mistyped or impossible; the message names the key."""
@@ -102,6 +104,94 @@ class ModelConfig:
     mlp = 3 * self.d_model * self.d_ff
     block = attn + mlp + 2 * self.d_model
     return self.n_layers * block + 2 * self.vocab_size * self.d_model + self.d_model
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Training data.
+
+  Attributes:
+    corpus: "stdlib_code" (built in: the interpreter's standard library sources).
+    seq_len: tokens per packed row.
+    batch_size: rows per step (global batch).
+    validation_fraction: share of documents held out for validation.
+  """
+
+  corpus: Literal["stdlib_code"] = "stdlib_code"
+  seq_len: int = 256
+  batch_size: int = 16
+  validation_fraction: float = 0.05
+
+  def __post_init__(self):
+    _require(self.seq_len > 1, "seq_len", f"must be at least 2, got {self.seq_len}")
+    _require(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
+    _require(0 < self.validation_fraction < 1, "validation_fraction",
+             f"must be in (0, 1), got {self.validation_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW with linear warmup and cosine decay to `min_lr_ratio * learning_rate`."""
+
+  learning_rate: float = 3e-3
+  warmup_steps: int = 20
+  min_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  grad_clip_norm: float = 1.0
+
+  def __post_init__(self):
+    _require(self.learning_rate > 0, "learning_rate",
+             f"must be positive, got {self.learning_rate}")
+    _require(self.warmup_steps >= 0, "warmup_steps",
+             f"must be non-negative, got {self.warmup_steps}")
+    _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio",
+             f"must be in [0, 1], got {self.min_lr_ratio}")
+    for key in ("b1", "b2"):
+      _require(0 <= getattr(self, key) < 1, key, f"must be in [0, 1), got {getattr(self, key)}")
+    _require(self.weight_decay >= 0, "weight_decay",
+             f"must be non-negative, got {self.weight_decay}")
+    _require(self.grad_clip_norm > 0, "grad_clip_norm",
+             f"must be positive, got {self.grad_clip_norm}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The training run of one stage."""
+
+  steps: int = 200
+  log_every: int = 20
+  eval_batches: int = 8
+  sample_prompt: str = "def "
+  sample_tokens: int = 80
+
+  def __post_init__(self):
+    for key in ("steps", "log_every", "eval_batches"):
+      _require(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
+    _require(self.sample_tokens >= 0, "sample_tokens",
+             f"must be non-negative, got {self.sample_tokens}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Everything one `python -m jbtx.train` run needs."""
+
+  model: ModelConfig
+  seed: int = 0
+  data: DataConfig = DataConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  train: TrainConfig = TrainConfig()
+
+  def __post_init__(self):
+    _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
+             f"exceeds model.max_seq_len ({self.model.max_seq_len}), got {self.data.seq_len}")
+    _require(self.model.vocab_size >= BYTE_VOCAB_SIZE, "model.vocab_size",
+             f"the {self.data.corpus} corpus uses byte tokens, which need at least "
+             f"{BYTE_VOCAB_SIZE} ids, got {self.model.vocab_size}")
+    _require(self.optimizer.warmup_steps <= self.train.steps, "optimizer.warmup_steps",
+             f"exceeds train.steps ({self.train.steps}), got {self.optimizer.warmup_steps}")
 
 
 # --------------------------------------------------------------------------------------

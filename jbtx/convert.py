@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 import tqdm
-from absl import app, flags
+from absl import app, flags, logging
 
 from jbtx import checkpoint
 from jbtx.config import ModelConfig
@@ -145,6 +145,8 @@ def _plan_shards(infos: list[TensorInfo], max_bytes: int) -> dict[str, list[Tens
 
 
 def main(argv: list[str]) -> None:
+  if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO.
+    logging.set_verbosity(logging.WARNING)
   commands = ("import", "export")
   if len(argv) != 2 or argv[1] not in commands:
     raise app.UsageError(f"usage: python -m jbtx.convert {{{'|'.join(commands)}}} --flags")

@@ -73,7 +73,7 @@ def meta_state_dicts(model, n_shards: int) -> list[dict[str, torch.Tensor]]:
   for name, (w, axis) in full.items():
     w = w.detach().clone()
     parts = [w] * n_shards if axis is None else torch.chunk(w, n_shards, dim=axis)
-    for shard, part in zip(shards, parts):
+    for shard, part in zip(shards, parts, strict=False):
       shard[name] = part.clone()
   for shard in shards:
     shard["rope.freqs"] = torch.ones(cfg.hidden_size // cfg.num_attention_heads // 2)

@@ -114,7 +114,7 @@ class MetaCheckpoint:
 
   def _joined_shape(self, name: str, axis: int | None) -> tuple[int, ...]:
     shapes = [r.infos()[name].shape for r in self.readers]
-    for reader, shape in zip(self.readers, shapes):
+    for reader, shape in zip(self.readers, shapes, strict=False):
       rest = [s for i, s in enumerate(shape) if i != axis]
       if len(shape) != len(shapes[0]) or rest != [s for i, s in enumerate(shapes[0])
                                                    if i != axis]:
@@ -157,7 +157,7 @@ class MetaCheckpoint:
     name, axis = self._sources[hf_name]
     parts = [self._read_part(r, name) for r in self.readers]
     if axis is None:
-      for reader, part in zip(self.readers[1:], parts[1:]):
+      for reader, part in zip(self.readers[1:], parts[1:], strict=False):
         if not np.array_equal(part, parts[0]):
           raise ConversionError(f"shards disagree on replicated tensor {name!r}: "
                                 f"{reader.path.name} differs from {self.readers[0].path.name}")

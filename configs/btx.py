@@ -1,0 +1,27 @@
+"""Branch-Train-MiX on the built-in demo data, sized to run on a laptop CPU in minutes.
+
+    python -m jbtx.train --config=configs/btx.py
+
+Stage implemented so far: `seed` — a tiny dense Llama trained from scratch on the
+interpreter's standard library sources (byte tokens). Scale up with overrides, e.g.
+--config.model.n_layers=8 --config.train.steps=2000.
+"""
+
+import ml_collections
+
+from jbtx.models import presets
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = presets.config_dict("tiny")
+  config.data = ml_collections.ConfigDict(
+      {"corpus": "stdlib_code", "seq_len": 256, "batch_size": 16, "validation_fraction": 0.05})
+  config.optimizer = ml_collections.ConfigDict(
+      {"learning_rate": 3e-3, "warmup_steps": 20, "min_lr_ratio": 0.1, "b1": 0.9,
+       "b2": 0.95, "weight_decay": 0.1, "grad_clip_norm": 1.0})
+  config.train = ml_collections.ConfigDict(
+      {"steps": 200, "log_every": 20, "eval_batches": 8, "sample_prompt": "def ",
+       "sample_tokens": 80})
+  return config

@@ -1,0 +1,69 @@
+r"""The jbtx command line: run an experiment's stages into a work directory.
+
+    python -m jbtx.train --config=configs/btx.py [--workdir=DIR] [--config.KEY=VALUE ...]
+
+Stages are idempotent: each writes one jbtx checkpoint under the work directory, and
+a rerun skips stages whose checkpoint is complete. Implemented so far: `seed`, which
+trains the dense seed model (`config.model`) on the configured corpus. The branch,
+expert-training and mix stages of BTX build on this checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jbtx import checkpoint
+from jbtx.config import ConfigError, ExperimentConfig, from_mapping
+from jbtx.training.loop import train_dense
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment file, e.g. configs/btx.py; override keys with --config.KEY=V.")
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Work directory (default: runs/<config file name>).")
+
+
+def default_workdir(config_path: str) -> pathlib.Path:
+  return pathlib.Path("runs") / pathlib.Path(config_path).stem
+
+
+def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
+  """Runs every stage of the experiment that is not complete in `workdir`."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(json.dumps(_as_json(config), indent=2) + "\n")
+  seed_dir = workdir / "seed"
+  if (seed_dir / checkpoint.CONFIG_FILE).is_file():
+    metrics = checkpoint.read_record(seed_dir).get("metrics", {})
+    loss = metrics.get("validation", {}).get("loss")
+    print(f"[seed] already complete: {seed_dir} (validation loss {loss}); skipping")
+  else:
+    train_dense(config, seed_dir, stage="seed")
+
+
+def _as_json(config: ExperimentConfig) -> dict:
+  from jbtx.config import to_dict
+  return to_dict(config)
+
+
+def main(argv: list[str]) -> None:
+  if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO.
+    logging.set_verbosity(logging.WARNING)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/btx.py")
+  try:
+    config = from_mapping(ExperimentConfig, _CONFIG.value)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  workdir = pathlib.Path(_WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename))
+  run(config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

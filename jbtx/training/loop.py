@@ -1,0 +1,96 @@
+"""Training a dense decoder from scratch on the configured corpus (the seed stage)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from jbtx import checkpoint
+from jbtx.config import ExperimentConfig
+from jbtx.data import pipeline
+from jbtx.data.tokenizers import ByteTokenizer
+from jbtx.eval.generate import generate
+from jbtx.models.llama import Llama, init_params
+from jbtx.training.optimizer import learning_rate_schedule, make_optimizer
+from jbtx.training.step import TrainState, make_eval_step, make_train_step
+
+
+def evaluate(model: Llama, params: Any, config: ExperimentConfig) -> dict[str, float]:
+  """Validation loss (nats/token), perplexity and bits per byte over `eval_batches`."""
+  tokenizer = ByteTokenizer()
+  batches = pipeline.document_batches(pipeline.documents(config.data, "validation"), tokenizer,
+                                      config.data.seq_len, config.data.batch_size, seed=None)
+  eval_step = make_eval_step(model)
+  total = count = 0.0
+  for batch in itertools.islice(batches, config.train.eval_batches):
+    loss_sum, n = eval_step(params, batch)
+    total, count = total + float(loss_sum), count + float(n)
+  if count == 0:
+    raise ValueError("the validation split yielded no full batch; lower data.batch_size "
+                     "or data.seq_len")
+  loss = total / count
+  return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": loss / math.log(2)}
+
+
+def sample_text(model: Llama, params: Any, config: ExperimentConfig) -> str:
+  """Greedy continuation of `train.sample_prompt`."""
+  tokenizer = ByteTokenizer()
+  prompt = jnp.asarray(tokenizer.encode(config.train.sample_prompt))[None]
+  tokens = generate(model, params, prompt, config.train.sample_tokens, jax.random.key(0),
+                    eos_id=tokenizer.eos_id)
+  return tokenizer.decode(tokens[0])
+
+
+def train_dense(config: ExperimentConfig, output: pathlib.Path, stage: str) -> dict[str, Any]:
+  """Trains `config.model` from a random init and saves it as a jbtx checkpoint at `output`.
+
+  Returns the metrics that are also recorded in the checkpoint's `jbtx.json`.
+  """
+  model = Llama(config.model)
+  steps = config.train.steps
+  optimizer = make_optimizer(config.optimizer, steps)
+  schedule = learning_rate_schedule(config.optimizer, steps)
+  params = init_params(model, jax.random.key(config.seed))
+  state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  train_step = make_train_step(model, optimizer)
+  batches = pipeline.document_batches(pipeline.documents(config.data, "train"), ByteTokenizer(),
+                                      config.data.seq_len, config.data.batch_size,
+                                      seed=config.seed)
+  print(f"[{stage}] {config.model.num_params() / 1e6:.2f}M parameters, {steps} steps of "
+        f"{config.data.batch_size}x{config.data.seq_len} tokens")
+  initial = evaluate(model, state.params, config)
+  window_start, window_tokens = time.perf_counter(), 0
+  with tqdm.tqdm(total=steps, desc=stage, unit="step", dynamic_ncols=True) as bar:
+    for step in range(1, steps + 1):
+      state, metrics = train_step(state, next(batches))
+      window_tokens += config.data.batch_size * config.data.seq_len
+      bar.update()
+      if step % config.train.log_every == 0 or step == steps:
+        metrics = jax.device_get(metrics)
+        if not np.isfinite(metrics["loss"]):
+          raise FloatingPointError(f"[{stage}] loss is {metrics['loss']} at step {step}; "
+                                   "lower optimizer.learning_rate")
+        rate = window_tokens / (time.perf_counter() - window_start)
+        bar.write(f"[{stage}] step {step:5d}  loss {metrics['loss']:.4f}  "
+                  f"grad_norm {metrics['grad_norm']:.3f}  lr {float(schedule(step - 1)):.2e}  "
+                  f"{rate:,.0f} tokens/s")
+        window_start, window_tokens = time.perf_counter(), 0
+  final = evaluate(model, state.params, config)
+  sample = sample_text(model, state.params, config)
+  result = {"steps": steps, "validation_before": initial, "validation": final,
+            "sample": sample}
+  print(f"[{stage}] validation loss {initial['loss']:.3f} -> {final['loss']:.3f} nats/byte "
+        f"({final['bits_per_byte']:.3f} bits/byte, perplexity {final['perplexity']:.2f})")
+  print(f"[{stage}] sample: {sample!r}")
+  checkpoint.save(output, config.model, jax.device_get(state.params),
+                  extra={"stage": stage, "metrics": result})
+  print(f"[{stage}] wrote {output}")
+  return result

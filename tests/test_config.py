@@ -1,0 +1,85 @@
+"""Config parsing: every bad value is rejected with a message naming its key."""
+
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from jbtx.config import ConfigError, ExperimentConfig, ModelConfig, from_mapping
+from jbtx.models import presets
+
+
+def _experiment(**model_overrides) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.model = presets.config_dict("tiny", **model_overrides)
+  config.train = ml_collections.ConfigDict({"steps": 100})
+  return config
+
+
+def test_valid_config_becomes_frozen_dataclasses():
+  config = from_mapping(ExperimentConfig, _experiment())
+  assert config.model == presets.get("tiny")
+  assert config.train.steps == 100 and config.data.seq_len == 256  # defaults filled in
+  with pytest.raises(AttributeError):
+    config.model.n_layers = 3
+
+
+@pytest.mark.parametrize("mutate, key, fragment", [
+    (lambda c: c.model.update(n_kv_heads=3), "model.n_kv_heads", "must divide n_heads (4)"),
+    (lambda c: c.model.update(n_heads=5), "model.n_heads", "must divide d_model (128)"),
+    (lambda c: c.model.update(d_model=120, n_heads=8), "model.n_heads", "must be even"),
+    (lambda c: c.model.update(n_layers=0), "model.n_layers", "must be positive"),
+    (lambda c: c.model.update(dtype="float64"), "model.dtype", "must be one of"),
+    (lambda c: c.model.update(remat_policy="some"), "model.remat_policy", "must be one of"),
+    (lambda c: c.model.update(rope_theta=-1.0), "model.rope_theta", "must be positive"),
+    (lambda c: c.model.update(vocab_size=100), "model.vocab_size", "byte tokens"),
+    (lambda c: c.train.update(steps=0), "train.steps", "must be positive"),
+    (lambda c: c.update(optimizer={"warmup_steps": 500}), "optimizer.warmup_steps",
+     "exceeds train.steps (100)"),
+    (lambda c: c.update(data={"seq_len": 1024}), "data.seq_len", "exceeds model.max_seq_len"),
+    (lambda c: c.update(data={"corpus": "nope"}), "data.corpus", "must be one of"),
+])
+def test_impossible_values_name_their_key(mutate, key, fragment):
+  config = _experiment()
+  mutate(config)
+  with pytest.raises(ConfigError) as info:
+    from_mapping(ExperimentConfig, config)
+  assert info.value.key == key
+  assert fragment in str(info.value) and f"'{key}'" in str(info.value)
+
+
+@pytest.mark.parametrize("data, key, fragment", [
+    ({"n_layerz": 2}, "model.n_layerz", "unknown key"),
+    ({"n_layers": "4"}, "model.n_layers", "expected an integer"),
+    ({"n_layers": 4.0}, "model.n_layers", "expected an integer"),
+    ({"scan_layers": 1}, "model.scan_layers", "expected bool"),
+    ({"rope_theta": True}, "model.rope_theta", "expected a number"),
+])
+def test_unknown_keys_and_wrong_types_name_their_key(data, key, fragment):
+  model = presets.get("tiny").__dict__ | data
+  with pytest.raises(ConfigError) as info:
+    from_mapping(ExperimentConfig, {"model": model})
+  assert info.value.key == key and fragment in str(info.value)
+
+
+def test_missing_required_key():
+  fields = dict(presets.get("tiny").__dict__)
+  del fields["d_ff"]
+  with pytest.raises(ConfigError, match="'d_ff': missing required key"):
+    from_mapping(ModelConfig, fields)
+
+
+def test_integers_are_accepted_for_floats():
+  assert from_mapping(ModelConfig, presets.get("tiny").__dict__ | {"rope_theta": 500000}
+                      ).rope_theta == 500000.0
+
+
+def test_cli_rejects_bad_override_with_the_key(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "jbtx.train", "--config=configs/btx.py",
+       f"--workdir={tmp_path / 'run'}", "--config.model.n_kv_heads=3"],
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert "config key 'model.n_kv_heads': must divide n_heads (4), got 3" in result.stderr
+  assert not (tmp_path / "run").exists()  # nothing written for a rejected config
