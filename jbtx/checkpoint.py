@@ -1,7 +1,7 @@
 """jbtx checkpoint directories: a model config plus an Orbax parameter tree.
 
     DIR/jbtx.json   {"format": "jbtx", "version": 1, "kind": "llama", "model": {...}, ...}
-    DIR/params/     Orbax (OCDBT) checkpoint of the parameter pytree
+    DIR/params/     Orbax checkpoint (v1 API, OCDBT) of the parameter pytree
 
 Directories are written under a temporary sibling name and renamed into place only
 when complete, so an interrupted write never leaves a directory that looks finished.
@@ -15,12 +15,12 @@ import os
 import pathlib
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
+from orbax.checkpoint import v1 as ocp
 
 from jbtx import config as config_lib
 from jbtx.config import ModelConfig
@@ -73,10 +73,22 @@ def save(directory: str | os.PathLike, model_config: ModelConfig, params: Any,
   Returns:
     The absolute checkpoint path.
   """
+  return save_parts(directory, model_config, [params], kind, extra)
+
+
+def save_parts(directory: str | os.PathLike, model_config: ModelConfig, parts: Iterable[Any],
+               kind: str = "llama", extra: dict[str, Any] | None = None) -> pathlib.Path:
+  """Like `save`, with the parameter tree given as disjoint parts that together form it.
+
+  Each part (a nested dict holding some of the leaves) is written and released before
+  the next is drawn from `parts`, so peak memory is about two parts, not the model
+  (Orbax's partial saving). This is how conversion streams a model to disk.
+  """
   with atomic_directory(directory) as tmp:
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(tmp / PARAMS_DIR, params)
-      checkpointer.wait_until_finished()
+    for part in parts:
+      ocp.partial.save(tmp / PARAMS_DIR, part)
+      del part
+    ocp.partial.finalize(tmp / PARAMS_DIR)
     record = {"format": FORMAT, "version": VERSION, "kind": kind,
               "model": config_lib.to_dict(model_config), **(extra or {})}
     (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -113,15 +125,12 @@ def load_params(directory: str | os.PathLike, as_numpy: bool = False) -> Any:
   """The parameter tree of a checkpoint: jax arrays on the default device, or numpy."""
   read_record(directory)
   params_dir = pathlib.Path(directory).absolute() / PARAMS_DIR
-  with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(params_dir).item_metadata.tree
-    if as_numpy:
-      target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), metadata)
-    else:
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            metadata)
-    return checkpointer.restore(params_dir, target)
+  metadata = ocp.metadata(params_dir).metadata
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        metadata)
+  params = ocp.load(params_dir, target)
+  return jax.tree.map(np.asarray, params) if as_numpy else params
 
 
 def load(directory: str | os.PathLike) -> tuple[Llama, Any]:

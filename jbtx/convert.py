@@ -6,9 +6,10 @@ r"""Checkpoint conversion between Llama-2 formats and jbtx.
 `import` detects the source format: Meta's original release (`params.json` +
 `consolidated.NN.pth` shards) or Hugging Face (`config.json` + safetensors or
 `pytorch_model*.bin`, optionally sharded with an index). Tensors are streamed one at a
-time into the jbtx parameter tree, so peak memory stays near one copy of the model in
-the output dtype. `export` writes a jbtx Llama as an HF folder (`config.json` +
-safetensors shards) that `transformers.LlamaForCausalLM.from_pretrained` loads.
+time into the jbtx parameter tree and each finished leaf is written to disk at once,
+so peak memory stays at a few leaves, well under one copy of the model. `export`
+writes a jbtx Llama as an HF folder (`config.json` + safetensors shards) that
+`transformers.LlamaForCausalLM.from_pretrained` loads.
 
 Outputs appear atomically: an interrupted or failed conversion leaves nothing at
 `--output`.
@@ -78,13 +79,13 @@ def import_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path,
     cfg = dataclasses.replace(src.model_config, dtype=dtype, param_dtype=dtype,
                               scan_layers=scan_layers)
     llama_hf.check_tensors(cfg, src.shapes, src.where)
+    fmt = "meta" if isinstance(src, MetaCheckpoint) else "hf"
     with tqdm.tqdm(total=len(llama_hf.tensor_maps(cfg)), desc="import", unit="tensor",
                    disable=not show_progress) as bar:
-      params = llama_hf.import_params(cfg, src.read, dtype_of(dtype),
+      leaves = llama_hf.import_leaves(cfg, src.read, dtype_of(dtype),
                                       progress=lambda _: bar.update())
-    fmt = "meta" if isinstance(src, MetaCheckpoint) else "hf"
-    checkpoint.save(output, cfg, params,
-                    extra={"source": str(pathlib.Path(source).absolute()), "source_format": fmt})
+      checkpoint.save_parts(output, cfg, leaves, extra={
+          "source": str(pathlib.Path(source).absolute()), "source_format": fmt})
   finally:
     src.close()
   return cfg

@@ -172,7 +172,7 @@ def test_failure_midway_leaves_no_output(tmp_path, hf, monkeypatch):
   def broken_save(*args, **kwargs):
     raise OSError("disk full")
 
-  monkeypatch.setattr(checkpoint.ocp.StandardCheckpointer, "save", broken_save)
+  monkeypatch.setattr(checkpoint.ocp.partial, "finalize", broken_save)
   with pytest.raises(OSError, match="disk full"):
     _import(tmp_path / "hf", tmp_path / "out")
   assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))

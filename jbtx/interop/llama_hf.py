@@ -189,23 +189,6 @@ def check_tensors(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]],
                             f"{tuple(shapes[m.hf_name])}, expected {m.hf_shape}")
 
 
-def _empty_tree(cfg: ModelConfig, maps: list[TensorMap], dtype: np.dtype) -> Params:
-  """Uninitialised numpy arrays in the jbtx layout (stacked layers when scanning)."""
-  tree: Params = {}
-  for m in maps:
-    if m.layer not in (None, 0):
-      continue
-    shape = m.jbtx_shape
-    if m.layer is None:
-      _set(tree, m.path, np.empty(shape, dtype))
-    elif cfg.scan_layers:
-      _set(tree, ("layers", *m.path), np.empty((cfg.n_layers, *shape), dtype))
-    else:
-      for i in range(cfg.n_layers):
-        _set(tree, (f"layers_{i}", *m.path), np.empty(shape, dtype))
-  return tree
-
-
 def _slot(cfg: ModelConfig, m: TensorMap) -> tuple[tuple[str, ...], int | None]:
   """Key path of `m` in the model tree, and the index along the stacked layer axis."""
   if m.layer is None:
@@ -215,31 +198,41 @@ def _slot(cfg: ModelConfig, m: TensorMap) -> tuple[tuple[str, ...], int | None]:
   return (f"layers_{m.layer}", *m.path), None
 
 
-def import_params(cfg: ModelConfig, read: Callable[[str], np.ndarray],
-                  dtype: np.dtype, progress: Callable[[str], None] = lambda _: None) -> Params:
-  """Builds the jbtx parameter tree, reading one HF tensor at a time.
+def import_leaves(cfg: ModelConfig, read: Callable[[str], np.ndarray], dtype: np.dtype,
+                  progress: Callable[[str], None] = lambda _: None) -> Iterator[Params]:
+  """Yields the jbtx parameter tree one leaf at a time, reading HF tensors on demand.
 
-  Memory stays near one copy of the model in `dtype`: the tree is allocated once and
-  each tensor is written into its slot as soon as it is read.
+  Each yielded value is a nested dict holding a single leaf (e.g. the stacked
+  `layers/mlp/up/kernel` of all layers); together they form the whole tree. Only one
+  leaf is alive at a time, so a consumer that writes and drops each one (see
+  `checkpoint.save_parts`) converts a model in a fraction of its size in memory.
 
   Args:
     cfg: model shape (tensors must already be checked with `check_tensors`).
     read: HF tensor name -> array in the HF layout.
     dtype: numpy dtype of the returned parameters.
-    progress: called with each tensor name after it is converted.
+    progress: called with each HF tensor name after it is converted.
   """
-  maps = tensor_maps(cfg)
-  tree = _empty_tree(cfg, maps, dtype)
-  for m in maps:
+  leaves: dict[tuple[str, ...], list[tuple[TensorMap, int | None]]] = {}
+  for m in tensor_maps(cfg):
     path, index = _slot(cfg, m)
-    target = _get(tree, path)
-    value = m.to_jbtx(read(m.hf_name))
-    if index is None:
-      target[...] = value
-    else:
-      target[index] = value
-    progress(m.hf_name)
-  return tree
+    leaves.setdefault(path, []).append((m, index))
+  for path, members in leaves.items():
+    first = members[0][0]
+    stacked = members[0][1] is not None
+    leaf = np.empty(((len(members),) if stacked else ()) + first.jbtx_shape, dtype)
+    for m, index in members:
+      value = m.to_jbtx(read(m.hf_name))
+      if stacked:
+        leaf[index] = value
+      else:
+        leaf[...] = value
+      progress(m.hf_name)
+    part: Params = {}
+    _set(part, path, leaf)
+    del leaf
+    yield part
+    del part  # Release this leaf before the next one is allocated.
 
 
 def export_tensors(cfg: ModelConfig, params: Params) -> Iterator[tuple[TensorMap, Callable]]:
