@@ -19,9 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict(
       {"corpus": "stdlib_code", "seq_len": 256, "batch_size": 16, "validation_fraction": 0.05})
   config.optimizer = ml_collections.ConfigDict(
-      {"learning_rate": 3e-3, "warmup_steps": 20, "min_lr_ratio": 0.1, "b1": 0.9,
+      {"learning_rate": 1e-3, "warmup_steps": 20, "min_lr_ratio": 0.1, "b1": 0.9,
        "b2": 0.95, "weight_decay": 0.1, "grad_clip_norm": 1.0})
   config.train = ml_collections.ConfigDict(
-      {"steps": 200, "log_every": 20, "eval_batches": 8, "sample_prompt": "def ",
-       "sample_tokens": 80})
+      {"steps": 300, "log_every": 20, "eval_batches": 8, "sample_prompt": "def ",
+       "sample_tokens": 80, "sample_temperature": 0.8})
   return config

@@ -159,19 +159,31 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """The training run of one stage."""
+  """The training run of one stage.
+
+  Attributes:
+    steps: optimizer steps.
+    log_every: steps between log lines (each line averages the steps since the last).
+    eval_batches: validation batches for the loss/perplexity report.
+    sample_prompt: text continued after training, as a qualitative check.
+    sample_tokens: tokens to generate (0 = no sample).
+    sample_temperature: sampling temperature of that continuation (0 = greedy).
+  """
 
   steps: int = 200
   log_every: int = 20
   eval_batches: int = 8
   sample_prompt: str = "def "
   sample_tokens: int = 80
+  sample_temperature: float = 0.8
 
   def __post_init__(self):
     for key in ("steps", "log_every", "eval_batches"):
       _require(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
     _require(self.sample_tokens >= 0, "sample_tokens",
              f"must be non-negative, got {self.sample_tokens}")
+    _require(self.sample_temperature >= 0, "sample_temperature",
+             f"must be non-negative (0 = greedy), got {self.sample_temperature}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,18 +270,6 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if value not in args:
       raise ConfigError(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
     return value
-  if origin is tuple:
-    if not isinstance(value, (tuple, list)):
-      raise ConfigError(key, f"expected a tuple, got {value!r}")
-    item_type = args[0]
-    return tuple(_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value))
-  if origin in (dict, Mapping):
-    if hasattr(value, "to_dict"):
-      value = value.to_dict()
-    if not isinstance(value, Mapping):
-      raise ConfigError(key, f"expected a mapping, got {value!r}")
-    return types.MappingProxyType(
-        {k: _coerce(args[1], v, _join(key, k)) for k, v in value.items()})
   if hint is float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(key, f"expected a number, got {value!r}")

@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jbtx import checkpoint
-from jbtx.config import ConfigError, ExperimentConfig, from_mapping
+from jbtx.config import ConfigError, ExperimentConfig, from_mapping, to_dict
 from jbtx.training.loop import train_dense
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -34,7 +34,7 @@ def default_workdir(config_path: str) -> pathlib.Path:
 def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
   """Runs every stage of the experiment that is not complete in `workdir`."""
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(json.dumps(_as_json(config), indent=2) + "\n")
+  (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
   seed_dir = workdir / "seed"
   if (seed_dir / checkpoint.CONFIG_FILE).is_file():
     metrics = checkpoint.read_record(seed_dir).get("metrics", {})
@@ -42,11 +42,6 @@ def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
     print(f"[seed] already complete: {seed_dir} (validation loss {loss}); skipping")
   else:
     train_dense(config, seed_dir, stage="seed")
-
-
-def _as_json(config: ExperimentConfig) -> dict:
-  from jbtx.config import to_dict
-  return to_dict(config)
 
 
 def main(argv: list[str]) -> None:

@@ -146,3 +146,7 @@ def test_llama2_presets_have_published_sizes():
   assert round(presets.get("llama2_13b").num_params() / 1e9, 2) == 13.02
   assert round(presets.get("llama2_70b").num_params() / 1e9, 2) == 68.98
   assert presets.get("llama2_70b").n_kv_heads == 8
+
+
+def test_conftest_simulates_eight_cpu_devices():
+  assert jax.device_count() == 8 and jax.devices()[0].platform == "cpu"

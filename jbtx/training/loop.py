@@ -41,11 +41,14 @@ def evaluate(model: Llama, params: Any, config: ExperimentConfig) -> dict[str, f
 
 
 def sample_text(model: Llama, params: Any, config: ExperimentConfig) -> str:
-  """Greedy continuation of `train.sample_prompt`."""
+  """A continuation of `train.sample_prompt` at `train.sample_temperature`."""
+  if config.train.sample_tokens == 0:
+    return ""
   tokenizer = ByteTokenizer()
   prompt = jnp.asarray(tokenizer.encode(config.train.sample_prompt))[None]
-  tokens = generate(model, params, prompt, config.train.sample_tokens, jax.random.key(0),
-                    eos_id=tokenizer.eos_id)
+  tokens = generate(model, params, prompt, config.train.sample_tokens,
+                    jax.random.key(config.seed), temperature=config.train.sample_temperature,
+                    top_p=0.95, eos_id=tokenizer.eos_id)
   return tokenizer.decode(tokens[0])
 
 
@@ -67,22 +70,24 @@ def train_dense(config: ExperimentConfig, output: pathlib.Path, stage: str) -> d
   print(f"[{stage}] {config.model.num_params() / 1e6:.2f}M parameters, {steps} steps of "
         f"{config.data.batch_size}x{config.data.seq_len} tokens")
   initial = evaluate(model, state.params, config)
-  window_start, window_tokens = time.perf_counter(), 0
+  window: list[dict[str, jax.Array]] = []
+  window_start = time.perf_counter()
   with tqdm.tqdm(total=steps, desc=stage, unit="step", dynamic_ncols=True) as bar:
     for step in range(1, steps + 1):
       state, metrics = train_step(state, next(batches))
-      window_tokens += config.data.batch_size * config.data.seq_len
+      window.append(metrics)
       bar.update()
       if step % config.train.log_every == 0 or step == steps:
-        metrics = jax.device_get(metrics)
-        if not np.isfinite(metrics["loss"]):
-          raise FloatingPointError(f"[{stage}] loss is {metrics['loss']} at step {step}; "
+        mean = {k: float(np.mean([m[k] for m in jax.device_get(window)])) for k in window[0]}
+        if not np.isfinite(mean["loss"]):
+          raise FloatingPointError(f"[{stage}] loss is {mean['loss']} at step {step}; "
                                    "lower optimizer.learning_rate")
-        rate = window_tokens / (time.perf_counter() - window_start)
-        bar.write(f"[{stage}] step {step:5d}  loss {metrics['loss']:.4f}  "
-                  f"grad_norm {metrics['grad_norm']:.3f}  lr {float(schedule(step - 1)):.2e}  "
+        rate = len(window) * config.data.batch_size * config.data.seq_len / (
+            time.perf_counter() - window_start)
+        bar.write(f"[{stage}] step {step:5d}  loss {mean['loss']:.4f}  "
+                  f"grad_norm {mean['grad_norm']:.3f}  lr {float(schedule(step - 1)):.2e}  "
                   f"{rate:,.0f} tokens/s")
-        window_start, window_tokens = time.perf_counter(), 0
+        window, window_start = [], time.perf_counter()
   final = evaluate(model, state.params, config)
   sample = sample_text(model, state.params, config)
   result = {"steps": steps, "validation_before": initial, "validation": final,
