@@ -17,6 +17,9 @@ from typing import Any, Literal, TypeVar
 
 DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+Routing = Literal["topk", "softmax_topk", "switch", "sample_top1", "soft"]
+Dispatch = Literal["auto", "dropless", "capacity", "dense", "loop"]
+LoadBalance = Literal["btx", "switch"]
 
 T = TypeVar("T")
 
@@ -42,6 +45,75 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Mixture-of-Experts feed-forward layers (see `jbtx.models.moe`).
+
+  Attributes:
+    n_experts: experts per MoE layer (E).
+    top_k: experts per token (k); "switch" and "sample_top1" use 1, "soft" uses all.
+    d_ff: hidden width of each SwiGLU expert (default: the model's d_ff).
+    routing: "topk" (softmax over the top-k logits: BTX, Mixtral), "softmax_topk"
+      (softmax over all experts, then top-k: OLMoE), "switch" (top-1 of the softmax,
+      capacity-limited), "sample_top1" (Gumbel-softmax sample in training, argmax at
+      inference), "soft" (all experts, softmax weights).
+    renormalize: for "softmax_topk", divide the k gate values by their sum (OLMoE: no).
+    dispatch: "dropless" (sort + grouped matmul), "capacity" (GShard einsums, tokens
+      over capacity dropped), "dense" (every expert on every token), "loop" (the
+      per-expert reference), or "auto" (the fastest exact path for the backend).
+    capacity_factor: expert capacity = factor * tokens * k / E, per group.
+    capacity_group_size: tokens per GShard routing group.
+    every: MoE FFN in every n-th layer (the last of each group of n); 1 = all layers.
+    n_shared_experts: always-on experts of width d_ff, added to the routed output.
+    router_jitter: multiplicative uniform noise on the router input in training.
+    gumbel_temperature: temperature of "sample_top1" in training.
+    load_balance: "btx" (`N Σ u_i p_i`, u = mean gate value) or "switch"
+      (`N Σ f_i p_i`, f = fraction of assignments); both equal 1 when balanced.
+    load_balance_coef: weight of the load-balancing loss (averaged over layers).
+    router_z_coef: weight of the router z-loss (averaged over layers).
+  """
+
+  n_experts: int = 8
+  top_k: int = 2
+  d_ff: int | None = None
+  routing: Routing = "topk"
+  renormalize: bool = True
+  dispatch: Dispatch = "auto"
+  capacity_factor: float = 1.5
+  capacity_group_size: int = 1024
+  every: int = 1
+  n_shared_experts: int = 0
+  router_jitter: float = 0.0
+  gumbel_temperature: float = 1.0
+  load_balance: LoadBalance = "btx"
+  load_balance_coef: float = 0.01
+  router_z_coef: float = 0.0
+
+  def __post_init__(self):
+    for key in ("n_experts", "top_k", "every", "capacity_group_size"):
+      _require(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
+    _require(self.top_k <= self.n_experts, "top_k",
+             f"must be at most n_experts ({self.n_experts}), got {self.top_k}")
+    _require(self.d_ff is None or self.d_ff > 0, "d_ff", f"must be positive, got {self.d_ff}")
+    _require(self.capacity_factor > 0, "capacity_factor",
+             f"must be positive, got {self.capacity_factor}")
+    _require(self.n_shared_experts >= 0, "n_shared_experts",
+             f"must be non-negative, got {self.n_shared_experts}")
+    _require(0 <= self.router_jitter < 1, "router_jitter",
+             f"must be in [0, 1), got {self.router_jitter}")
+    _require(self.gumbel_temperature > 0, "gumbel_temperature",
+             f"must be positive, got {self.gumbel_temperature}")
+    for key in ("load_balance_coef", "router_z_coef"):
+      _require(getattr(self, key) >= 0, key, f"must be non-negative, got {getattr(self, key)}")
+
+  @property
+  def experts_per_token(self) -> int:
+    """k as the routing actually uses it."""
+    if self.routing in ("switch", "sample_top1"):
+      return 1
+    return self.n_experts if self.routing == "soft" else self.top_k
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shape and numerics of a Llama-style decoder.
 
@@ -62,6 +134,8 @@ class ModelConfig:
     remat_policy: activation rematerialisation of each block: "none", "full"
       (save nothing), "dots" (save matmul outputs), "dots_no_batch".
     init_std: standard deviation of the normal initialiser of all kernels.
+    qk_norm: RMSNorm over the full query and key width before splitting heads (OLMoE).
+    moe: Mixture-of-Experts FFN settings; None for a dense model.
   """
 
   vocab_size: int
@@ -78,6 +152,8 @@ class ModelConfig:
   scan_layers: bool = True
   remat_policy: RematPolicy = "none"
   init_std: float = 0.02
+  qk_norm: bool = False
+  moe: MoEConfig | None = None
 
   def __post_init__(self):
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
@@ -93,6 +169,9 @@ class ModelConfig:
     _require(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
     _require(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
     _require(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
+    if self.moe is not None:
+      _require(self.n_layers % self.moe.every == 0, "moe.every",
+               f"must divide n_layers ({self.n_layers}), got {self.moe.every}")
 
   @property
   def head_dim(self) -> int:

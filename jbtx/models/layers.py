@@ -87,6 +87,21 @@ class Embed(nn.Module):
     return jnp.take(table.astype(dtype_of(cfg.dtype)), tokens, axis=0)
 
 
+class MLP(nn.Module):
+  """SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`[batch, seq, embed]` -> `[batch, seq, embed]`."""
+    cfg = self.config
+    gate = Dense(cfg, (cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"), name="gate")(x)
+    up = Dense(cfg, (cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"), name="up")(x)
+    hidden = constrain(nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+    return Dense(cfg, (cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), name="down")(hidden)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding, "rotate-half" convention.
 

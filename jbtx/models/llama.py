@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jbtx.config import ModelConfig
 from jbtx.models.layers import (
+    MLP,
     Dense,
     Embed,
     RMSNorm,
@@ -26,6 +27,7 @@ from jbtx.models.layers import (
     constrain,
     positions_from_segments,
 )
+from jbtx.models.moe import MoE
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -85,6 +87,9 @@ class Attention(nn.Module):
     q = Dense(cfg, (d,), (cfg.n_heads, hd), ("embed", "q_heads", "head_dim"), name="q")(x)
     k = Dense(cfg, (d,), (cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), name="k")(x)
     v = Dense(cfg, (d,), (cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), name="v")(x)
+    if cfg.qk_norm:  # OLMoE: normalise the full q and k width, then split heads.
+      q = RMSNorm(cfg, name="q_norm")(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
+      k = RMSNorm(cfg, name="k_norm")(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
     q = constrain(apply_rope(q, positions, cfg.rope_theta),
                   ("act_batch", "act_length", "act_q_heads", "act_head_dim"))
     k = constrain(apply_rope(k, positions, cfg.rope_theta),
@@ -121,26 +126,20 @@ class Attention(nn.Module):
     return cached_k.value, cached_v.value, mask[None, None]
 
 
-class MLP(nn.Module):
-  """SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`."""
-
-  config: ModelConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """`[batch, seq, embed]` -> `[batch, seq, embed]`."""
-    cfg = self.config
-    gate = Dense(cfg, (cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"), name="gate")(x)
-    up = Dense(cfg, (cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"), name="up")(x)
-    hidden = constrain(nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
-    return Dense(cfg, (cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), name="down")(hidden)
-
-
 class Block(nn.Module):
-  """One pre-norm decoder block. Returns `(x, None)` so it can be the body of `nn.scan`."""
+  """One pre-norm decoder block. Returns `(x, None)` so it can be the body of `nn.scan`.
+
+  Attributes:
+    config: model config.
+    decode: use the KV cache.
+    train: training mode (MoE router noise).
+    use_moe: the feed-forward is an MoE layer ("moe") instead of a SwiGLU ("mlp").
+  """
 
   config: ModelConfig
   decode: bool = False
+  train: bool = False
+  use_moe: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None):
@@ -148,8 +147,27 @@ class Block(nn.Module):
     h = RMSNorm(cfg, name="attn_norm")(x)
     x = x + Attention(cfg, self.decode, name="attn")(h, positions, segment_ids)
     h = RMSNorm(cfg, name="mlp_norm")(x)
-    x = x + MLP(cfg, name="mlp")(h)
+    if self.use_moe:
+      x = x + MoE(cfg, self.train, name="moe")(h)
+    else:
+      x = x + MLP(cfg, name="mlp")(h)
     return constrain(x, ("act_batch", "act_length", "act_embed")), None
+
+
+class BlockGroup(nn.Module):
+  """`moe.every` consecutive blocks, the last with an MoE FFN: `block_0 … block_{n-1}`."""
+
+  config: ModelConfig
+  decode: bool = False
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None):
+    every = self.config.moe.every
+    for j in range(every):
+      x, _ = Block(self.config, self.decode, self.train, use_moe=j == every - 1,
+                   name=f"block_{j}")(x, positions, segment_ids)
+    return x, None
 
 
 def block_stack(block_cls: type[nn.Module], config: ModelConfig) -> type[nn.Module]:
@@ -165,12 +183,25 @@ def block_stack(block_cls: type[nn.Module], config: ModelConfig) -> type[nn.Modu
     return block_cls
   return nn.scan(
       block_cls,
-      variable_axes={"params": 0, "cache": 0},
-      split_rngs={"params": True},
+      variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+      split_rngs={"params": True, "router": True},
       in_axes=(nn.broadcast, nn.broadcast),
-      length=config.n_layers,
+      length=n_layer_groups(config),
       metadata_params={nn.PARTITION_NAME: "layers"},
   )
+
+
+def n_layer_groups(config: ModelConfig) -> int:
+  """Number of repeated units: layers, or groups of `moe.every` layers."""
+  return config.n_layers // (config.moe.every if config.moe else 1)
+
+
+def block_unit(config: ModelConfig, decode: bool, train: bool, name: str) -> nn.Module:
+  """The repeated unit of the decoder: a Block (dense or all-MoE) or a BlockGroup."""
+  moe = config.moe
+  if moe is not None and moe.every > 1:
+    return block_stack(BlockGroup, config)(config, decode, train, name=name)
+  return block_stack(Block, config)(config, decode, train, use_moe=moe is not None, name=name)
 
 
 class Llama(nn.Module):
@@ -179,10 +210,12 @@ class Llama(nn.Module):
   Attributes:
     config: the model shape and numerics.
     decode: build the incremental-decoding variant that reads and writes a KV cache.
+    train: training mode: MoE router jitter and Gumbel sampling use the "router" RNG.
   """
 
   config: ModelConfig
   decode: bool = False
+  train: bool = False
 
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
@@ -217,14 +250,13 @@ class Llama(nn.Module):
 
   def run_blocks(self, x: jax.Array, positions: jax.Array,
                  segment_ids: jax.Array | None) -> jax.Array:
-    """Applies the `n_layers` blocks, scanned (params under "layers") or unrolled."""
+    """Applies the blocks, scanned (params under "layers") or unrolled ("layers_{i}")."""
     cfg = self.config
-    stack = block_stack(Block, cfg)
     if cfg.scan_layers:
-      x, _ = stack(cfg, self.decode, name="layers")(x, positions, segment_ids)
+      x, _ = block_unit(cfg, self.decode, self.train, "layers")(x, positions, segment_ids)
       return x
-    for i in range(cfg.n_layers):
-      x, _ = stack(cfg, self.decode, name=f"layers_{i}")(x, positions, segment_ids)
+    for i in range(n_layer_groups(cfg)):
+      x, _ = block_unit(cfg, self.decode, self.train, f"layers_{i}")(x, positions, segment_ids)
     return x
 
 

@@ -1,0 +1,146 @@
+"""The Mixture-of-Experts feed-forward layer.
+
+    x [batch, seq, embed] -> router (float32 logits [tokens, E]) -> routing (experts,
+    gate values) -> dispatch to SwiGLU experts -> Σ_j g_j · FF_j(x) (+ shared experts)
+
+Parameters (logical axes):
+
+    router/kernel   [embed, expert]
+    experts/gate    [expert, embed, mlp]    experts/up   [expert, embed, mlp]
+    experts/down    [expert, mlp, embed]
+    shared/…        a dense SwiGLU of width n_shared_experts · d_ff (if any)
+
+A dense FFN's kernels stack straight into the expert kernels (`jnp.stack` on axis 0).
+
+Per-layer auxiliary values are sown into the "intermediates" collection under
+"moe_stats" (load_balance_loss, router_z_loss, expert_load [E], router_entropy,
+top1_gate, dropped_fraction) and "router_logits"; `collect_moe_stats` gathers them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jbtx.config import ModelConfig
+from jbtx.models import dispatch, routing
+from jbtx.models.layers import MLP, dtype_of, kernel_init
+
+
+def dispatch_path(config: ModelConfig) -> str:
+  """The dispatch implementation "auto" resolves to.
+
+  Switch routing is defined with a capacity (tokens over it are dropped), soft routing
+  uses every expert (dense is exact and cheapest); otherwise the dropless grouped
+  matmul, which `benchmarks/moe_layer.py` measures fastest among the exact paths.
+  """
+  moe = config.moe
+  if moe.dispatch != "auto":
+    return moe.dispatch
+  if moe.routing == "switch":
+    return "capacity"
+  if moe.routing == "soft":
+    return "dense"
+  return "dropless"
+
+
+class MoE(nn.Module):
+  """Routed SwiGLU experts: `[batch, seq, embed]` -> `[batch, seq, embed]`.
+
+  Attributes:
+    config: model config with `moe` set.
+    train: training mode: router jitter and Gumbel sampling draw from the "router" RNG.
+  """
+
+  config: ModelConfig
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg, moe = self.config, self.config.moe
+    n_experts, d, f = moe.n_experts, cfg.d_model, moe.d_ff or cfg.d_ff
+    param_dtype, dtype = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
+    tokens = x.reshape(-1, d)
+
+    router_in = tokens.astype(jnp.float32)
+    if self.train and moe.router_jitter > 0:
+      noise = jax.random.uniform(self.make_rng("router"), router_in.shape, jnp.float32,
+                                 1.0 - moe.router_jitter, 1.0 + moe.router_jitter)
+      router_in = router_in * noise
+    router = self.param("router", kernel_init(cfg, ("embed", "expert")), (d, n_experts),
+                        param_dtype)
+    logits = router_in @ router.astype(jnp.float32)  # [T, E], always float32
+    sample_rng = (self.make_rng("router")
+                  if self.train and moe.routing == "sample_top1" else None)
+    choice = routing.route(logits, moe, sample_rng)
+
+    def expert_kernel(name, shape, axes):
+      return self.param(name, kernel_init(cfg, axes), shape, param_dtype).astype(dtype)
+
+    experts = dispatch.Experts(
+        gate=expert_kernel("gate", (n_experts, d, f), ("expert", "embed", "mlp")),
+        up=expert_kernel("up", (n_experts, d, f), ("expert", "embed", "mlp")),
+        down=expert_kernel("down", (n_experts, f, d), ("expert", "mlp", "embed")))
+    y, dropped = self._dispatch(tokens.astype(dtype), choice, experts)
+    if moe.n_shared_experts:
+      shared_cfg = dataclasses.replace(cfg, d_ff=moe.n_shared_experts * f, moe=None)
+      y = y + MLP(shared_cfg, name="shared")(tokens.astype(dtype))
+
+    stats = {"load_balance_loss": routing.load_balance_loss(logits, choice, moe.load_balance),
+             "router_z_loss": routing.router_z_loss(logits), "dropped_fraction": dropped,
+             **routing.router_metrics(logits, choice)}
+    self.sow("intermediates", "moe_stats", stats)
+    self.sow("intermediates", "router_logits", logits)
+    return y.reshape(x.shape).astype(dtype)
+
+  def _dispatch(self, tokens, choice, experts) -> tuple[jax.Array, jax.Array]:
+    path = dispatch_path(self.config)
+    no_drops = jnp.zeros((), jnp.float32)
+    if path == "dropless":
+      return dispatch.dropless(tokens, choice, experts), no_drops
+    if path == "dense":
+      return dispatch.dense(tokens, choice, experts), no_drops
+    if path == "loop":
+      return dispatch.loop(tokens, choice, experts), no_drops
+    moe = self.config.moe
+    return dispatch.capacity_dispatch(tokens, choice, experts, moe.capacity_factor,
+                                      moe.capacity_group_size)
+
+
+def collect_moe_stats(intermediates: Any) -> dict[str, jax.Array]:
+  """Per-layer MoE statistics from an "intermediates" collection, stacked `[layers, …]`.
+
+  Works for scanned models (values already carry a layer axis) and unrolled ones.
+  Returns {} for a dense model.
+  """
+  found = []
+
+  def visit(tree: dict) -> None:
+    for key, value in tree.items():
+      if key == "moe_stats":
+        stats = value[0]
+        scanned = stats["load_balance_loss"].ndim == 1
+        found.append(stats if scanned else jax.tree.map(lambda v: v[None], stats))
+      elif isinstance(value, dict):
+        visit(value)
+
+  visit(intermediates)
+  if not found:
+    return {}
+  return jax.tree.map(lambda *v: jnp.concatenate(v, axis=0), *found)
+
+
+def aux_loss(stats: dict[str, jax.Array], config: ModelConfig) -> jax.Array:
+  """`lb_coef · mean_layers(LB) + z_coef · mean_layers(z)`; 0 for a dense model.
+
+  Averaging over layers keeps a coefficient's meaning independent of depth.
+  """
+  if not stats:
+    return jnp.zeros((), jnp.float32)
+  moe = config.moe
+  return (moe.load_balance_coef * jnp.mean(stats["load_balance_loss"])
+          + moe.router_z_coef * jnp.mean(stats["router_z_loss"]))

@@ -1,0 +1,126 @@
+"""Routers' decisions and their auxiliary losses, as pure functions of router logits.
+
+A routing is `(experts [T, k] int32, weights [T, k] float32)`: for each token the k
+experts it is sent to and the gate values its outputs are combined with, so that
+
+    FF_MoE(x) = Σ_j weights[t, j] · FF_{experts[t, j]}(x).
+
+Variants (`MoEConfig.routing`):
+
+  topk          g = softmax(topk(logits))                   BTX, Mixtral
+  softmax_topk  g = topk(softmax(logits)) [/ Σ if renorm]   OLMoE (no renorm)
+  switch        top-1 of softmax(logits), weight = its prob  Switch Transformer
+  sample_top1   Gumbel-softmax sample (training) / argmax (inference), BTX ablation
+  soft          all experts, g = softmax(logits)             BTX "soft routing"
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jbtx.config import MoEConfig
+
+
+class Routing(NamedTuple):
+  experts: jax.Array  # int32 [tokens, k]
+  weights: jax.Array  # float32 [tokens, k]
+
+
+def route(logits: jax.Array, config: MoEConfig, rng: jax.Array | None = None) -> Routing:
+  """Chooses experts and gate values from float32 router `logits [tokens, E]`.
+
+  Args:
+    logits: router logits.
+    config: routing variant and k.
+    rng: randomness for "sample_top1" in training; None means inference (argmax).
+  """
+  n_tokens, n_experts = logits.shape
+  if config.routing == "topk":
+    top_logits, experts = jax.lax.top_k(logits, config.top_k)
+    return Routing(experts.astype(jnp.int32), jax.nn.softmax(top_logits, axis=-1))
+  probs = jax.nn.softmax(logits, axis=-1)
+  if config.routing == "softmax_topk":
+    weights, experts = jax.lax.top_k(probs, config.top_k)
+    if config.renormalize:
+      weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return Routing(experts.astype(jnp.int32), weights)
+  if config.routing == "switch":
+    weights, experts = jax.lax.top_k(probs, 1)
+    return Routing(experts.astype(jnp.int32), weights)
+  if config.routing == "sample_top1":
+    if rng is None:
+      return Routing(jnp.argmax(logits, axis=-1, keepdims=True).astype(jnp.int32),
+                     jnp.ones((n_tokens, 1), jnp.float32))
+    noisy = (logits + jax.random.gumbel(rng, logits.shape)) / config.gumbel_temperature
+    sample = jax.nn.softmax(noisy, axis=-1)
+    weights, experts = jax.lax.top_k(sample, 1)
+    return Routing(experts.astype(jnp.int32), weights)
+  if config.routing == "soft":
+    experts = jnp.broadcast_to(jnp.arange(n_experts, dtype=jnp.int32), (n_tokens, n_experts))
+    return Routing(experts, probs)
+  raise ValueError(f"unknown routing {config.routing!r}")
+
+
+def gate_matrix(routing: Routing, n_experts: int) -> jax.Array:
+  """The gate values scattered to `[tokens, E]` (zero for experts not chosen)."""
+  one_hot = jax.nn.one_hot(routing.experts, n_experts, dtype=routing.weights.dtype)
+  return jnp.einsum("tk,tke->te", routing.weights, one_hot)
+
+
+def assignment_fractions(routing: Routing, n_experts: int) -> jax.Array:
+  """Fraction of the T·k token-to-expert assignments that go to each expert, `[E]`."""
+  counts = jnp.sum(jax.nn.one_hot(routing.experts, n_experts, dtype=jnp.float32), axis=(0, 1))
+  return counts / routing.experts.size
+
+
+def load_balance_loss(logits: jax.Array, routing: Routing, kind: str) -> jax.Array:
+  """Per-layer load-balancing loss `N · Σ_i a_i · p_i`, equal to 1 when balanced.
+
+  `p_i` is the batch mean of softmax(logits)_i. `a_i` is, for kind "btx" (BTX paper),
+  the batch mean of the gate value g_i; for kind "switch" (Switch, OLMoE per layer),
+  the fraction of assignments routed to expert i.
+  """
+  n_experts = logits.shape[-1]
+  p = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
+  if kind == "btx":
+    a = jnp.mean(gate_matrix(routing, n_experts), axis=0)
+  elif kind == "switch":
+    a = assignment_fractions(routing, n_experts)
+  else:
+    raise ValueError(f"unknown load-balance kind {kind!r}")
+  return n_experts * jnp.sum(a * p)
+
+
+def router_z_loss(logits: jax.Array) -> jax.Array:
+  """ST-MoE router z-loss: `mean(logsumexp(logits)²)`."""
+  return jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+
+
+def hf_load_balancing_loss(layer_logits: jax.Array, top_k: int) -> jax.Array:
+  """Hugging Face's `load_balancing_loss_func` (Mixtral, OLMoE), for parity.
+
+  All layers' router logits are pooled before the product, top-k is taken on the
+  softmax, and the balanced value is k, not 1.
+
+  Args:
+    layer_logits: float `[layers, tokens, E]`.
+    top_k: experts per token.
+  """
+  n_experts = layer_logits.shape[-1]
+  logits = layer_logits.reshape(-1, n_experts)
+  probs = jax.nn.softmax(logits, axis=-1)
+  _, experts = jax.lax.top_k(probs, top_k)
+  tokens_per_expert = jnp.mean(jax.nn.one_hot(experts, n_experts), axis=0)  # [k, E]
+  return n_experts * jnp.sum(tokens_per_expert * jnp.mean(probs, axis=0)[None])
+
+
+def router_metrics(logits: jax.Array, routing: Routing) -> dict[str, jax.Array]:
+  """Cheap per-layer statistics: expert load `[E]`, router entropy, mean top-1 gate."""
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  entropy = -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1))
+  return {"expert_load": assignment_fractions(routing, logits.shape[-1]),
+          "router_entropy": entropy,
+          "top1_gate": jnp.mean(jnp.max(routing.weights, axis=-1))}
