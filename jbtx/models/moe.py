@@ -3,12 +3,12 @@
     x [batch, seq, embed] -> router (float32 logits [tokens, E]) -> routing (experts,
     gate values) -> dispatch to SwiGLU experts -> Σ_j g_j · FF_j(x) (+ shared experts)
 
-Parameters (logical axes):
+Parameters of the module (named "moe" in a block), with logical axes:
 
-    router/kernel   [embed, expert]
-    experts/gate    [expert, embed, mlp]    experts/up   [expert, embed, mlp]
-    experts/down    [expert, mlp, embed]
-    shared/…        a dense SwiGLU of width n_shared_experts · d_ff (if any)
+    router   [embed, expert]
+    gate     [expert, embed, mlp]      up   [expert, embed, mlp]
+    down     [expert, mlp, embed]
+    shared/{gate,up,down}/kernel       a dense SwiGLU of width n_shared_experts · d_ff
 
 A dense FFN's kernels stack straight into the expert kernels (`jnp.stack` on axis 0).
 
