@@ -20,6 +20,7 @@ RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 Routing = Literal["topk", "softmax_topk", "switch", "sample_top1", "soft"]
 Dispatch = Literal["auto", "dropless", "capacity", "dense", "loop"]
 LoadBalance = Literal["btx", "switch"]
+Freeze = Literal["none", "experts", "all_but_router"]
 
 T = TypeVar("T")
 
@@ -179,10 +180,26 @@ class ModelConfig:
 
   def num_params(self) -> int:
     """Total parameter count (embeddings and output layer included)."""
+    return self._count(active=False)
+
+  def num_active_params(self) -> int:
+    """Parameters used per token: only k of the E experts count in MoE layers."""
+    return self._count(active=True)
+
+  def _count(self, active: bool) -> int:
     attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-    mlp = 3 * self.d_model * self.d_ff
-    block = attn + mlp + 2 * self.d_model
-    return self.n_layers * block + 2 * self.vocab_size * self.d_model + self.d_model
+    if self.qk_norm:
+      attn += self.head_dim * (self.n_heads + self.n_kv_heads)
+    dense_ffn = 3 * self.d_model * self.d_ff
+    layers = self.n_layers * (attn + 2 * self.d_model + dense_ffn)
+    if self.moe is not None:
+      moe = self.moe
+      width = moe.d_ff or self.d_ff
+      n_used = moe.experts_per_token if active else moe.n_experts
+      moe_ffn = (3 * self.d_model * width * (n_used + moe.n_shared_experts)
+                 + self.d_model * moe.n_experts)
+      layers += (self.n_layers // moe.every) * (moe_ffn - dense_ffn)
+    return layers + 2 * self.vocab_size * self.d_model + self.d_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +227,11 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  """AdamW with linear warmup and cosine decay to `min_lr_ratio * learning_rate`."""
+  """AdamW with linear warmup and cosine decay to `min_lr_ratio * learning_rate`.
+
+  `freeze`: "none"; "experts" (train everything but the MoE expert FFNs); or
+  "all_but_router" (train only the MoE routers). Frozen parameters get no update.
+  """
 
   learning_rate: float = 3e-3
   warmup_steps: int = 20
@@ -220,6 +241,7 @@ class OptimizerConfig:
   eps: float = 1e-8
   weight_decay: float = 0.1
   grad_clip_norm: float = 1.0
+  freeze: Freeze = "none"
 
   def __post_init__(self):
     _require(self.learning_rate > 0, "learning_rate",

@@ -3,7 +3,10 @@
 The Llama-2 shapes are the published ones (Touvron et al. 2023, and the `params.json`
 of Meta's release): d_ff follows Meta's rule
 `multiple_of * ceil(ffn_dim_multiplier * int(8 * d_model / 3) / multiple_of)`.
-The tiny presets are for tests and the CPU demo.
+Mixtral 8x7B follows its `config.json`; OLMoE-1B-7B follows the OLMoE paper (vocab 50280
+padded to 50304, QK-norm, 64 experts of width 1024, top-8 of a softmax over all 64
+without renormalisation, LB 0.01 and z-loss 0.001). The tiny presets are for tests
+and the CPU demo.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from jbtx.config import ModelConfig
+from jbtx.config import ModelConfig, MoEConfig
 
 _LLAMA2 = dict(vocab_size=32000, rope_theta=10000.0, norm_eps=1e-5, max_seq_len=4096)
 
@@ -24,12 +27,29 @@ _PRESETS: dict[str, Callable[[], ModelConfig]] = {
                                       n_kv_heads=40, d_ff=13824),
     "llama2_70b": lambda: ModelConfig(**_LLAMA2, d_model=8192, n_layers=80, n_heads=64,
                                       n_kv_heads=8, d_ff=28672),
-    # ~0.9M parameters, byte vocabulary: the CPU demo and most tests.
+    "mixtral_8x7b": lambda: ModelConfig(
+        vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+        rope_theta=1e6, norm_eps=1e-5, max_seq_len=32768,
+        moe=MoEConfig(n_experts=8, top_k=2, routing="topk", load_balance="switch",
+                      load_balance_coef=0.001)),
+    "olmoe_1b_7b": lambda: ModelConfig(
+        vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16, d_ff=1024,
+        rope_theta=10000.0, norm_eps=1e-5, max_seq_len=4096, qk_norm=True,
+        moe=MoEConfig(n_experts=64, top_k=8, routing="softmax_topk", renormalize=False,
+                      load_balance="switch", load_balance_coef=0.01, router_z_coef=0.001)),
+    # 0.80M parameters, byte vocabulary: the CPU demo and most tests.
     "tiny": lambda: ModelConfig(vocab_size=259, d_model=128, n_layers=4, n_heads=4,
                                 n_kv_heads=2, d_ff=352, max_seq_len=512),
-    # ~45k parameters, for fast unit tests.
+    # 4 experts of the tiny model's FFN width, top-2: BTX-shaped demo and tests.
+    "tiny_moe": lambda: ModelConfig(vocab_size=259, d_model=128, n_layers=4, n_heads=4,
+                                    n_kv_heads=2, d_ff=352, max_seq_len=512,
+                                    moe=MoEConfig(n_experts=4, top_k=2)),
+    # For fast unit tests.
     "micro": lambda: ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4,
                                  n_kv_heads=2, d_ff=72, max_seq_len=128),
+    "micro_moe": lambda: ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4,
+                                     n_kv_heads=2, d_ff=24, max_seq_len=128,
+                                     moe=MoEConfig(n_experts=4, top_k=2)),
 }
 
 

@@ -62,7 +62,8 @@ def train_dense(config: ExperimentConfig, output: pathlib.Path, stage: str) -> d
   optimizer = make_optimizer(config.optimizer, steps)
   schedule = learning_rate_schedule(config.optimizer, steps)
   params = init_params(model, jax.random.key(config.seed))
-  state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
+                     jax.random.key(config.seed + 1))
   train_step = make_train_step(model, optimizer)
   batches = pipeline.document_batches(pipeline.documents(config.data, "train"), ByteTokenizer(),
                                       config.data.seq_len, config.data.batch_size,
@@ -78,13 +79,15 @@ def train_dense(config: ExperimentConfig, output: pathlib.Path, stage: str) -> d
       window.append(metrics)
       bar.update()
       if step % config.train.log_every == 0 or step == steps:
-        mean = {k: float(np.mean([m[k] for m in jax.device_get(window)])) for k in window[0]}
+        mean = {k: float(np.mean([m[k] for m in jax.device_get(window)]))
+                for k in ("loss", "aux_loss", "grad_norm")}
         if not np.isfinite(mean["loss"]):
           raise FloatingPointError(f"[{stage}] loss is {mean['loss']} at step {step}; "
                                    "lower optimizer.learning_rate")
         rate = len(window) * config.data.batch_size * config.data.seq_len / (
             time.perf_counter() - window_start)
-        bar.write(f"[{stage}] step {step:5d}  loss {mean['loss']:.4f}  "
+        aux = f"aux {mean['aux_loss']:.4f}  " if config.model.moe else ""
+        bar.write(f"[{stage}] step {step:5d}  loss {mean['loss']:.4f}  {aux}"
                   f"grad_norm {mean['grad_norm']:.3f}  lr {float(schedule(step - 1)):.2e}  "
                   f"{rate:,.0f} tokens/s")
         window, window_start = [], time.perf_counter()
