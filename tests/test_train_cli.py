@@ -37,3 +37,16 @@ def test_seed_stage_trains_saves_and_is_idempotent(tmp_path):
   assert second.returncode == 0, second.stderr
   assert "already complete" in second.stdout
   assert "[seed] step" not in second.stdout + second.stderr
+
+
+def test_moe_model_trains_from_scratch_and_loads_back(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "jbtx.train", "--config=configs/olmoe_tiny.py",
+                           f"--workdir={tmp_path}", *_FAST],
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  assert " aux " in result.stdout + result.stderr  # MoE runs log the auxiliary loss
+  model, params = jbtx.load(tmp_path / "seed")
+  assert model.config.moe.n_experts == 16 and model.config.qk_norm
+  assert params["layers"]["moe"]["gate"].shape == (2, 16, 128, 88)
+  logits = model.apply({"params": params}, np.array([[256, 100, 101, 102]], np.int32))
+  assert np.isfinite(logits).all()
