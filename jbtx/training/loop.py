@@ -86,7 +86,11 @@ def train_dense(config: ExperimentConfig, output: pathlib.Path, stage: str) -> d
                                    "lower optimizer.learning_rate")
         rate = len(window) * config.data.batch_size * config.data.seq_len / (
             time.perf_counter() - window_start)
-        aux = f"aux {mean['aux_loss']:.4f}  " if config.model.moe else ""
+        aux = ""
+        if config.model.moe:  # Expert load range over layers and experts (balanced: 1/E).
+          load = np.mean([m["expert_load"] for m in jax.device_get(window)], axis=0)
+          aux = (f"aux {mean['aux_loss']:.4f}  expert load {load.min():.3f}-"
+                 f"{load.max():.3f}  ")
         bar.write(f"[{stage}] step {step:5d}  loss {mean['loss']:.4f}  {aux}"
                   f"grad_norm {mean['grad_norm']:.3f}  lr {float(schedule(step - 1)):.2e}  "
                   f"{rate:,.0f} tokens/s")
