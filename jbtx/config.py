@@ -45,6 +45,12 @@ def _require(condition: bool, key: str, message: str) -> None:
     raise ConfigError(key, message)
 
 
+def _require_positive(config: Any, *keys: str) -> None:
+  for key in keys:
+    value = getattr(config, key)
+    _require(value > 0, key, f"must be positive, got {value}")
+
+
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
   """Mixture-of-Experts feed-forward layers (see `jbtx.models.moe`).
@@ -90,8 +96,7 @@ class MoEConfig:
   router_z_coef: float = 0.0
 
   def __post_init__(self):
-    for key in ("n_experts", "top_k", "every", "capacity_group_size"):
-      _require(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
+    _require_positive(self, "n_experts", "top_k", "every", "capacity_group_size")
     _require(self.top_k <= self.n_experts, "top_k",
              f"must be at most n_experts ({self.n_experts}), got {self.top_k}")
     _require(self.d_ff is None or self.d_ff > 0, "d_ff", f"must be positive, got {self.d_ff}")
@@ -157,9 +162,8 @@ class ModelConfig:
   moe: MoEConfig | None = None
 
   def __post_init__(self):
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
-                "max_seq_len"):
-      _require(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
+    _require_positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                      "max_seq_len")
     _require(self.d_model % self.n_heads == 0, "n_heads",
              f"must divide d_model ({self.d_model}), got {self.n_heads}")
     _require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
@@ -279,8 +283,7 @@ class TrainConfig:
   sample_temperature: float = 0.8
 
   def __post_init__(self):
-    for key in ("steps", "log_every", "eval_batches"):
-      _require(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
+    _require_positive(self, "steps", "log_every", "eval_batches")
     _require(self.sample_tokens >= 0, "sample_tokens",
              f"must be non-negative, got {self.sample_tokens}")
     _require(self.sample_temperature >= 0, "sample_temperature",

@@ -10,6 +10,7 @@ import pytest
 from jbtx.eval import generate as gen
 from jbtx.models import layers, presets
 from jbtx.models.llama import Llama, abstract_params, init_params
+from tests.decoding import decode_in_steps
 
 
 def _model(**overrides):
@@ -31,15 +32,9 @@ def test_kv_cache_decoding_matches_full_forward(scan_layers):
   model, params = _model(scan_layers=scan_layers)
   tokens = _tokens(model.config, (2, 12))
   full = _apply(model, params, tokens)
-  cache = gen.init_cache(model, batch=2, cache_len=16)
-  positions = jnp.broadcast_to(jnp.arange(12), tokens.shape)
-  # Prefill 5 tokens at once, then one token per call.
-  logits, cache = gen.decode(model, params, cache, tokens[:, :5], positions[:, :5])
-  steps = [logits]
-  for t in range(5, 12):
-    logits, cache = gen.decode(model, params, cache, tokens[:, t:t + 1], positions[:, t:t + 1])
-    steps.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=0)
+  # Prefill 5 tokens at once, then one token per call, into a cache longer than needed.
+  stepped = decode_in_steps(model, params, tokens, prefill=5, cache_len=16)
+  np.testing.assert_allclose(stepped, full, atol=1e-5, rtol=0)
 
 
 def test_greedy_generation_equals_argmax_of_full_forward():

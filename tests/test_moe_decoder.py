@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from jbtx.config import MoEConfig, OptimizerConfig
-from jbtx.eval import generate as gen
 from jbtx.models import presets
 from jbtx.models.llama import Llama, init_params
 from jbtx.models.moe import aux_loss, collect_moe_stats
 from jbtx.training.optimizer import make_optimizer, parameter_group
 from jbtx.training.step import TrainState, make_train_step
+from tests.decoding import decode_in_steps
 
 
 def _config(**moe):
@@ -77,14 +77,8 @@ def test_kv_cache_decoding_with_moe_layers():
   params = init_params(model, jax.random.key(2))
   tokens = _tokens(model.config, (2, 9), seed=2)
   full = jax.jit(model.apply)({"params": params}, tokens)
-  cache = gen.init_cache(model, batch=2, cache_len=9)
-  positions = jnp.broadcast_to(jnp.arange(9), tokens.shape)
-  logits, cache = gen.decode(model, params, cache, tokens[:, :4], positions[:, :4])
-  steps = [logits]
-  for t in range(4, 9):
-    logits, cache = gen.decode(model, params, cache, tokens[:, t:t + 1], positions[:, t:t + 1])
-    steps.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=0)
+  stepped = decode_in_steps(model, params, tokens, prefill=4, cache_len=9)
+  np.testing.assert_allclose(stepped, full, atol=1e-5, rtol=0)
 
 
 def test_dense_ffn_copied_into_every_expert_reproduces_the_dense_model():
