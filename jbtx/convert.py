@@ -1,15 +1,16 @@
-r"""Checkpoint conversion between Llama-2 formats and jbtx.
+r"""Checkpoint conversion between Llama-2 / Mixtral / OLMoE formats and jbtx.
 
     python -m jbtx.convert import --source=DIR --output=DIR [--dtype=bfloat16]
     python -m jbtx.convert export --checkpoint=DIR --output=DIR [--dtype=bfloat16]
 
-`import` detects the source format: Meta's original release (`params.json` +
-`consolidated.NN.pth` shards) or Hugging Face (`config.json` + safetensors or
-`pytorch_model*.bin`, optionally sharded with an index). Tensors are streamed one at a
-time into the jbtx parameter tree and each finished leaf is written to disk at once,
-so peak memory stays at a few leaves, well under one copy of the model. `export`
-writes a jbtx Llama as an HF folder (`config.json` + safetensors shards) that
-`transformers.LlamaForCausalLM.from_pretrained` loads.
+`import` detects the source format: Meta's original Llama-2 release (`params.json` +
+`consolidated.NN.pth` shards) or Hugging Face Llama, Mixtral or OLMoE (`config.json` +
+safetensors or `pytorch_model*.bin`, optionally sharded with an index; MoE experts
+per expert or fused). Tensors are streamed one at a time into the jbtx parameter tree
+and each finished leaf is written to disk at once, so peak memory stays at a few
+leaves, well under one copy of the model. `export` writes a jbtx model as an HF folder
+(`config.json` + safetensors shards) that `transformers.AutoModelForCausalLM` loads:
+a dense model as Llama, an MoE model as OLMoE if it has QK norms, else as Mixtral.
 
 Outputs appear atomically: an interrupted or failed conversion leaves nothing at
 `--output`.
@@ -28,7 +29,7 @@ from absl import app, flags, logging
 
 from jbtx import checkpoint
 from jbtx.config import ModelConfig
-from jbtx.interop import llama_hf
+from jbtx.interop import hf_llama, llama_hf
 from jbtx.interop.hf_llama import HFCheckpoint
 from jbtx.interop.llama_hf import ConversionError
 from jbtx.interop.meta_llama import MetaCheckpoint
@@ -38,7 +39,8 @@ from jbtx.models.layers import dtype_of
 _DTYPES = ("float32", "bfloat16")
 _SHARD_BYTES = 5 * 2**30
 
-_SOURCE = flags.DEFINE_string("source", None, "import: Meta or HF Llama checkpoint folder.")
+_SOURCE = flags.DEFINE_string("source", None,
+                              "import: Meta Llama-2 or HF Llama / Mixtral / OLMoE folder.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "export: jbtx checkpoint folder.")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder to create (must not exist).")
 _DTYPE = flags.DEFINE_enum("dtype", None, _DTYPES,
@@ -67,7 +69,7 @@ def open_source(source: str | pathlib.Path) -> MetaCheckpoint | HFCheckpoint:
 def import_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path,
                       dtype: str = "float32", scan_layers: bool = True,
                       show_progress: bool = True) -> ModelConfig:
-  """Converts a Meta or HF Llama checkpoint into a jbtx checkpoint at `output`.
+  """Converts a Meta or HF checkpoint into a jbtx checkpoint at `output`.
 
   The saved model config has `param_dtype = dtype` and compute `dtype = dtype`.
   Returns that config.
@@ -78,11 +80,12 @@ def import_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path,
   try:
     cfg = dataclasses.replace(src.model_config, dtype=dtype, param_dtype=dtype,
                               scan_layers=scan_layers)
-    llama_hf.check_tensors(cfg, src.shapes, src.where)
+    maps = hf_llama.tensor_maps(cfg, src.shapes)
+    llama_hf.check_tensors(cfg, maps, src.shapes, src.where)
     fmt = "meta" if isinstance(src, MetaCheckpoint) else "hf"
-    with tqdm.tqdm(total=len(llama_hf.tensor_maps(cfg)), desc="import", unit="tensor",
+    with tqdm.tqdm(total=len(maps), desc="import", unit="tensor",
                    disable=not show_progress) as bar:
-      leaves = llama_hf.import_leaves(cfg, src.read, dtype_of(dtype),
+      leaves = llama_hf.import_leaves(cfg, maps, src.read, dtype_of(dtype),
                                       progress=lambda _: bar.update())
       checkpoint.save_parts(output, cfg, leaves, extra={
           "source": str(pathlib.Path(source).absolute()), "source_format": fmt})
@@ -94,16 +97,17 @@ def import_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path,
 def export_checkpoint(ckpt: str | pathlib.Path, output: str | pathlib.Path,
                       dtype: str | None = None, show_progress: bool = True,
                       max_shard_bytes: int = _SHARD_BYTES) -> pathlib.Path:
-  """Writes the jbtx Llama checkpoint `ckpt` as a Hugging Face folder at `output`."""
+  """Writes the jbtx checkpoint `ckpt` as a Hugging Face folder at `output`."""
   cfg = checkpoint.load_config(ckpt)
   dtype = dtype or cfg.param_dtype
   if dtype not in _DTYPES:
     raise ConversionError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+  hf_config = hf_llama.hf_config_from_model(cfg, dtype)  # Fails early if HF lacks a feature.
   np_dtype = dtype_of(dtype)
   params = checkpoint.load_params(ckpt, as_numpy=True)
   produce = {}
   infos = []
-  for m, fn in llama_hf.export_tensors(cfg, params):
+  for m, fn in llama_hf.export_tensors(cfg, hf_llama.tensor_maps(cfg), params):
     produce[m.hf_name] = fn
     infos.append(TensorInfo(m.hf_name, m.hf_shape, np_dtype))
   shards = _plan_shards(infos, max_shard_bytes)
@@ -120,7 +124,6 @@ def export_checkpoint(ckpt: str | pathlib.Path, output: str | pathlib.Path,
       index = {"metadata": {"total_size": sum(_nbytes(i) for i in infos)},
                "weight_map": {i.name: f for f, shard in shards.items() for i in shard}}
       (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    hf_config = llama_hf.hf_config_from_model(cfg, dtype)
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
   return pathlib.Path(output).absolute()
 
@@ -165,7 +168,7 @@ def main(argv: list[str]) -> None:
       if not _CHECKPOINT.value:
         raise app.UsageError("export needs --checkpoint")
       path = export_checkpoint(_CHECKPOINT.value, _OUTPUT.value, _DTYPE.value)
-      print(f"wrote Hugging Face Llama checkpoint {path}")
+      print(f"wrote Hugging Face checkpoint {path}")
   except (ConversionError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

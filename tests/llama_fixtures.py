@@ -1,4 +1,5 @@
-"""Tiny random Llama checkpoints written by the tests themselves, in HF and Meta layouts."""
+"""Tiny random checkpoints written by the tests themselves: Llama in HF and Meta layouts,
+HF Mixtral and OLMoE."""
 
 from __future__ import annotations
 
@@ -15,12 +16,39 @@ MHA = dict(vocab_size=131, hidden_size=60, intermediate_size=100, num_hidden_lay
            num_attention_heads=6, num_key_value_heads=6, rope_theta=31337.0,
            rms_norm_eps=1e-5, max_position_embeddings=64)
 GQA = dict(MHA, num_attention_heads=6, num_key_value_heads=2, rope_theta=500000.0)
+# MoE (`model_type` first): 5 experts top-2 with GQA; 7 experts top-3 with QK norms, no
+# renormalisation of the top-3 gates. Expert width 40; non-default aux-loss weights.
+MIXTRAL = dict(GQA, model_type="mixtral", intermediate_size=40, num_local_experts=5,
+               num_experts_per_tok=2, rope_theta=31337.0, router_aux_loss_coef=0.02)
+OLMOE = dict(GQA, model_type="olmoe", intermediate_size=40, num_key_value_heads=3,
+             num_experts=7, num_experts_per_tok=3, norm_topk_prob=False, rope_theta=77777.0,
+             router_aux_loss_coef=0.03, eos_token_id=None)
 
 
 def hf_model(shape: dict, seed: int = 0):
   """A random `LlamaForCausalLM`; norms are randomised too so no weight is all ones."""
   torch.manual_seed(seed)
-  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape)).eval()
+  return _randomise(transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape)).eval())
+
+
+def hf_moe_model(shape: dict, seed: int = 0):
+  """A random `MixtralForCausalLM` / `OlmoeForCausalLM` (`shape["model_type"]`).
+
+  Norms are randomised as in `hf_model`, and router weights scaled up so that routing
+  is decisive (no near-ties between the k-th and the next expert).
+  """
+  torch.manual_seed(seed)
+  shape = dict(shape)
+  config = transformers.AutoConfig.for_model(shape.pop("model_type"), **shape)
+  model = _randomise(transformers.AutoModelForCausalLM.from_config(config).eval())
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("mlp.gate.weight"):
+        p.copy_(0.3 * torch.randn_like(p))
+  return model
+
+
+def _randomise(model):
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "norm" in name:

@@ -1,25 +1,63 @@
-"""Hugging Face Llama checkpoint folders: `config.json` plus weight files.
+"""Hugging Face checkpoint folders (Llama, Mixtral, OLMoE): `config.json` plus weights.
 
 Weights may be one `model.safetensors` / `pytorch_model.bin`, or shards listed in a
-`model.safetensors.index.json` / `pytorch_model.bin.index.json` weight map.
+`model.safetensors.index.json` / `pytorch_model.bin.index.json` weight map. The
+functions here pick the model family: from `model_type` on import, from the jbtx
+config (dense: Llama; MoE: `moe_hf.model_type`) on export.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Collection, Mapping
+from typing import Any
 
 import numpy as np
 
-from jbtx.interop.llama_hf import ConversionError, model_config_from_hf
+from jbtx.config import ModelConfig
+from jbtx.interop import llama_hf, moe_hf
+from jbtx.interop.llama_hf import ConversionError, TensorMap
 from jbtx.interop.tensor_files import TensorFileError, TensorReader, open_tensor_file
 
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE = ("model.safetensors", "pytorch_model.bin")
+MODEL_TYPES = ("llama", *moe_hf.MODEL_TYPES)
+
+
+def model_config_from_hf(hf: Mapping[str, Any], source: str) -> ModelConfig:
+  """ModelConfig from an HF `config.json` dict of any supported `model_type`."""
+  kind = hf.get("model_type")
+  if kind == "llama":
+    return llama_hf.model_config_from_hf(hf, source)
+  if kind in moe_hf.MODEL_TYPES:
+    return moe_hf.model_config_from_hf(hf, source)
+  raise ConversionError(f"{source}: model_type {kind!r} is not supported (supported: "
+                        f"{', '.join(MODEL_TYPES)})")
+
+
+def tensor_maps(cfg: ModelConfig, names: Collection[str] = ()) -> list[TensorMap]:
+  """The HF tensors of `cfg`'s model family.
+
+  Args:
+    cfg: the model shape.
+    names: the tensor names of the checkpoint being read, which tell the MoE expert
+      layout (fused or per expert); empty for export (per expert).
+  """
+  if cfg.moe is None:
+    return llama_hf.tensor_maps(cfg)
+  return moe_hf.tensor_maps(cfg, fused=moe_hf.is_fused(names))
+
+
+def hf_config_from_model(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
+  """The HF `config.json` dict of `cfg`'s model family (Llama, Mixtral or OLMoE)."""
+  if cfg.moe is None:
+    return llama_hf.hf_config_from_model(cfg, dtype)
+  return moe_hf.hf_config_from_model(cfg, dtype)
 
 
 class HFCheckpoint:
-  """Read-only view of an HF Llama folder, tensor by tensor."""
+  """Read-only view of an HF checkpoint folder, tensor by tensor."""
 
   def __init__(self, directory: pathlib.Path):
     self.directory = directory
