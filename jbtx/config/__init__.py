@@ -1,0 +1,26 @@
+"""Typed, validated configuration, one module per concern.
+
+`base` holds the ConfigDict -> dataclass machinery (`from_mapping`, `ConfigError`);
+`model`, `data`, `optimizer`, `training` and `experiment` hold the dataclasses. Import
+them from here: `from jbtx.config import ExperimentConfig, from_mapping`.
+"""
+
+from jbtx.config.base import ConfigError, from_mapping, to_dict
+from jbtx.config.data import DataConfig
+from jbtx.config.experiment import BYTE_VOCAB_SIZE, ExperimentConfig
+from jbtx.config.model import ModelConfig, MoEConfig
+from jbtx.config.optimizer import OptimizerConfig
+from jbtx.config.training import TrainConfig
+
+__all__ = [
+    "BYTE_VOCAB_SIZE",
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "MoEConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "TrainConfig",
+    "from_mapping",
+    "to_dict",
+]

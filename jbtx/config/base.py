@@ -1,0 +1,121 @@
+"""Typed, validated configuration: the generic ConfigDict -> dataclass machinery.
+
+Experiment files in `configs/` return an `ml_collections.ConfigDict`; `from_mapping`
+turns it into frozen dataclasses once, at the edge of the program. Every later piece
+of jbtx takes those dataclasses, never raw dicts. Unknown keys, values of the wrong
+type and impossible combinations are rejected with a `ConfigError` that names the full
+key, e.g. ``config key 'model.n_kv_heads': must divide model.n_heads (32), got 5``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+  """A configuration value is unknown, mistyped or impossible; the message names the key."""
+
+  def __init__(self, key: str, message: str):
+    self.key = key
+    self.message = message
+    super().__init__(f"config key '{key}': {message}")
+
+  def under(self, prefix: str) -> ConfigError:
+    """The same error with `prefix` prepended to the key path."""
+    return ConfigError(f"{prefix}.{self.key}" if prefix else self.key, self.message)
+
+
+def require(condition: bool, key: str, message: str) -> None:
+  if not condition:
+    raise ConfigError(key, message)
+
+
+def require_positive(config: Any, *keys: str) -> None:
+  for key in keys:
+    value = getattr(config, key)
+    require(value > 0, key, f"must be positive, got {value}")
+
+
+def from_mapping(cls: type[T], data: Mapping[str, Any] | Any, key: str = "") -> T:
+  """Builds the frozen dataclass `cls` from a (Config)dict, checking every key and type.
+
+  Args:
+    cls: a dataclass type whose fields carry type annotations.
+    data: a mapping (dict or `ml_collections.ConfigDict`) with the field values.
+    key: the dotted path of `data` in the full config, used in error messages.
+
+  Raises:
+    ConfigError: for unknown or missing keys, wrong types or invalid values.
+  """
+  if hasattr(data, "to_dict"):
+    data = data.to_dict()
+  if not isinstance(data, Mapping):
+    raise ConfigError(key or "<root>", f"expected a group of settings, got {data!r}")
+  hints = typing.get_type_hints(cls)
+  fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+  unknown = sorted(set(data) - set(fields))
+  if unknown:
+    raise ConfigError(_join(key, unknown[0]),
+                      f"unknown key; valid keys are {', '.join(sorted(fields))}")
+  values = {}
+  for name, field in fields.items():
+    path = _join(key, name)
+    if name in data:
+      values[name] = _coerce(hints[name], data[name], path)
+    elif (field.default is dataclasses.MISSING
+          and field.default_factory is dataclasses.MISSING):
+      raise ConfigError(path, "missing required key")
+  try:
+    return cls(**values)
+  except ConfigError as e:
+    raise e.under(key) from None
+
+
+def _join(prefix: str, name: str) -> str:
+  return f"{prefix}.{name}" if prefix else name
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+  """Checks `value` against the type `hint`; returns it converted where lossless."""
+  origin = typing.get_origin(hint)
+  args = typing.get_args(hint)
+  if dataclasses.is_dataclass(hint):
+    return from_mapping(hint, value, key)
+  if origin in (typing.Union, types.UnionType):
+    if value is None and type(None) in args:
+      return None
+    errors = []
+    for option in (a for a in args if a is not type(None)):
+      try:
+        return _coerce(option, value, key)
+      except ConfigError as e:
+        errors.append(e.message)
+    raise ConfigError(key, " or ".join(errors))
+  if origin is Literal:
+    if value not in args:
+      raise ConfigError(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+    return value
+  if hint is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(key, f"expected a number, got {value!r}")
+    return float(value)
+  if hint is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(key, f"expected an integer, got {value!r}")
+    return value
+  if hint in (str, bool):
+    if not isinstance(value, hint):
+      raise ConfigError(key, f"expected {hint.__name__}, got {value!r}")
+    return value
+  raise TypeError(f"unsupported config annotation {hint!r} for {key}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+  """The plain-dict form of a config dataclass (inverse of `from_mapping`)."""
+  return dataclasses.asdict(config)

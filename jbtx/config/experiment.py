@@ -1,0 +1,33 @@
+"""The whole experiment: what one `python -m jbtx.train` run needs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jbtx.config.base import require as _require
+from jbtx.config.data import DataConfig
+from jbtx.config.model import ModelConfig
+from jbtx.config.optimizer import OptimizerConfig
+from jbtx.config.training import TrainConfig
+
+BYTE_VOCAB_SIZE = 259  # jbtx.data.tokenizers.ByteTokenizer.vocab_size
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Everything one `python -m jbtx.train` run needs."""
+
+  model: ModelConfig
+  seed: int = 0
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+  def __post_init__(self):
+    _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
+             f"exceeds model.max_seq_len ({self.model.max_seq_len}), got {self.data.seq_len}")
+    _require(self.model.vocab_size >= BYTE_VOCAB_SIZE, "model.vocab_size",
+             f"the {self.data.corpus} corpus uses byte tokens, which need at least "
+             f"{BYTE_VOCAB_SIZE} ids, got {self.model.vocab_size}")
+    _require(self.optimizer.warmup_steps <= self.train.steps, "optimizer.warmup_steps",
+             f"exceeds train.steps ({self.train.steps}), got {self.optimizer.warmup_steps}")

@@ -1,0 +1,170 @@
+"""Model shape: the Llama decoder and its Mixture-of-Experts layers."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from jbtx.config.base import require as _require
+from jbtx.config.base import require_positive as _require_positive
+
+DType = Literal["float32", "bfloat16", "float16"]
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+Routing = Literal["topk", "softmax_topk", "switch", "sample_top1", "soft"]
+Dispatch = Literal["auto", "dropless", "capacity", "dense", "loop"]
+LoadBalance = Literal["btx", "switch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Mixture-of-Experts feed-forward layers (see `jbtx.models.moe`).
+
+  Attributes:
+    n_experts: experts per MoE layer (E).
+    top_k: experts per token (k); "switch" and "sample_top1" use 1, "soft" uses all.
+    d_ff: hidden width of each SwiGLU expert (default: the model's d_ff).
+    routing: "topk" (softmax over the top-k logits: BTX, Mixtral), "softmax_topk"
+      (softmax over all experts, then top-k: OLMoE), "switch" (top-1 of the softmax,
+      capacity-limited), "sample_top1" (Gumbel-softmax sample in training, argmax at
+      inference), "soft" (all experts, softmax weights).
+    renormalize: for "softmax_topk", divide the k gate values by their sum (OLMoE: no).
+    dispatch: "dropless" (sort + grouped matmul), "capacity" (GShard einsums, tokens
+      over capacity dropped), "dense" (every expert on every token), "loop" (the
+      per-expert reference), or "auto" (the fastest exact path for the backend).
+    capacity_factor: expert capacity = factor * tokens * k / E, per group.
+    capacity_group_size: tokens per GShard routing group.
+    every: MoE FFN in every n-th layer (the last of each group of n); 1 = all layers.
+    n_shared_experts: always-on experts of width d_ff, added to the routed output.
+    router_jitter: multiplicative uniform noise on the router input in training.
+    gumbel_temperature: temperature of "sample_top1" in training.
+    load_balance: "btx" (`N Σ u_i p_i`, u = mean gate value) or "switch"
+      (`N Σ f_i p_i`, f = fraction of assignments); both equal 1 when balanced.
+    load_balance_coef: weight of the load-balancing loss (averaged over layers).
+    router_z_coef: weight of the router z-loss (averaged over layers).
+  """
+
+  n_experts: int = 8
+  top_k: int = 2
+  d_ff: int | None = None
+  routing: Routing = "topk"
+  renormalize: bool = True
+  dispatch: Dispatch = "auto"
+  capacity_factor: float = 1.5
+  capacity_group_size: int = 1024
+  every: int = 1
+  n_shared_experts: int = 0
+  router_jitter: float = 0.0
+  gumbel_temperature: float = 1.0
+  load_balance: LoadBalance = "btx"
+  load_balance_coef: float = 0.01
+  router_z_coef: float = 0.0
+
+  def __post_init__(self):
+    _require_positive(self, "n_experts", "top_k", "every", "capacity_group_size")
+    _require(self.top_k <= self.n_experts, "top_k",
+             f"must be at most n_experts ({self.n_experts}), got {self.top_k}")
+    _require(self.d_ff is None or self.d_ff > 0, "d_ff", f"must be positive, got {self.d_ff}")
+    _require(self.capacity_factor > 0, "capacity_factor",
+             f"must be positive, got {self.capacity_factor}")
+    _require(self.n_shared_experts >= 0, "n_shared_experts",
+             f"must be non-negative, got {self.n_shared_experts}")
+    _require(0 <= self.router_jitter < 1, "router_jitter",
+             f"must be in [0, 1), got {self.router_jitter}")
+    _require(self.gumbel_temperature > 0, "gumbel_temperature",
+             f"must be positive, got {self.gumbel_temperature}")
+    for key in ("load_balance_coef", "router_z_coef"):
+      _require(getattr(self, key) >= 0, key, f"must be non-negative, got {getattr(self, key)}")
+
+  @property
+  def experts_per_token(self) -> int:
+    """k as the routing actually uses it."""
+    if self.routing in ("switch", "sample_top1"):
+      return 1
+    return self.n_experts if self.routing == "soft" else self.top_k
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of a Llama-style decoder.
+
+  Attributes:
+    vocab_size: number of token ids.
+    d_model: residual stream width.
+    n_layers: number of decoder blocks.
+    n_heads: query heads; `head_dim = d_model // n_heads`.
+    n_kv_heads: key/value heads (grouped-query attention when < n_heads).
+    d_ff: hidden width of the SwiGLU MLP.
+    rope_theta: base of the rotary frequencies.
+    norm_eps: epsilon of every RMSNorm.
+    max_seq_len: longest sequence the model is meant for (default KV-cache length).
+    dtype: compute dtype of activations and matmuls.
+    param_dtype: storage dtype of parameters (e.g. float32 master weights).
+    scan_layers: run the blocks with `nn.scan` (parameters stacked on a leading
+      "layers" axis) instead of unrolling them (parameters under `layers_{i}`).
+    remat_policy: activation rematerialisation of each block: "none", "full"
+      (save nothing), "dots" (save matmul outputs), "dots_no_batch".
+    init_std: standard deviation of the normal initialiser of all kernels.
+    qk_norm: RMSNorm over the full query and key width before splitting heads (OLMoE).
+    moe: Mixture-of-Experts FFN settings; None for a dense model.
+  """
+
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  d_ff: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  max_seq_len: int = 4096
+  dtype: DType = "float32"
+  param_dtype: DType = "float32"
+  scan_layers: bool = True
+  remat_policy: RematPolicy = "none"
+  init_std: float = 0.02
+  qk_norm: bool = False
+  moe: MoEConfig | None = None
+
+  def __post_init__(self):
+    _require_positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                      "max_seq_len")
+    _require(self.d_model % self.n_heads == 0, "n_heads",
+             f"must divide d_model ({self.d_model}), got {self.n_heads}")
+    _require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
+             f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
+    _require(self.head_dim % 2 == 0, "n_heads",
+             f"head_dim = d_model / n_heads must be even for rotary embeddings, "
+             f"got {self.head_dim}")
+    _require(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
+    _require(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
+    _require(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
+    if self.moe is not None:
+      _require(self.n_layers % self.moe.every == 0, "moe.every",
+               f"must divide n_layers ({self.n_layers}), got {self.moe.every}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  def num_params(self) -> int:
+    """Total parameter count (embeddings and output layer included)."""
+    return self._count(active=False)
+
+  def num_active_params(self) -> int:
+    """Parameters used per token: only k of the E experts count in MoE layers."""
+    return self._count(active=True)
+
+  def _count(self, active: bool) -> int:
+    attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+    if self.qk_norm:
+      attn += self.head_dim * (self.n_heads + self.n_kv_heads)
+    dense_ffn = 3 * self.d_model * self.d_ff
+    layers = self.n_layers * (attn + 2 * self.d_model + dense_ffn)
+    if self.moe is not None:
+      moe = self.moe
+      width = moe.d_ff or self.d_ff
+      n_used = moe.experts_per_token if active else moe.n_experts
+      moe_ffn = (3 * self.d_model * width * (n_used + moe.n_shared_experts)
+                 + self.d_model * moe.n_experts)
+      layers += (self.n_layers // moe.every) * (moe_ffn - dense_ffn)
+    return layers + 2 * self.vocab_size * self.d_model + self.d_model
