@@ -1,5 +1,6 @@
 """Config parsing: every bad value is rejected with a message naming its key."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -15,6 +16,38 @@ def _experiment(**model_overrides) -> ml_collections.ConfigDict:
   config.model = presets.config_dict("tiny", **model_overrides)
   config.train = ml_collections.ConfigDict({"steps": 100})
   return config
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+  x: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outer:
+  named: dict[str, _Inner] = dataclasses.field(default_factory=dict)
+  pair: tuple[int, float] = (0, 0.0)
+  many: tuple[str, ...] = ()
+
+
+def test_named_groups_and_lists_are_coerced():
+  config = ml_collections.ConfigDict({"named": {"a": {"x": 1}}, "pair": [1, 2],
+                                      "many": ("u", "v")})
+  assert from_mapping(_Outer, config) == _Outer({"a": _Inner(1)}, (1, 2.0), ("u", "v"))
+
+
+@pytest.mark.parametrize("data, key, fragment", [
+    ({"named": {"a": {"y": 1}}}, "named.a.y", "unknown key"),
+    ({"named": {"a": {"x": "1"}}}, "named.a.x", "expected an integer"),
+    ({"named": [1]}, "named", "expected a group of named settings"),
+    ({"pair": [1]}, "pair", "expected 2 items"),
+    ({"many": "uv"}, "many", "expected a list"),
+    ({"many": ["u", 3]}, "many[1]", "expected str"),
+])
+def test_named_groups_and_lists_name_the_bad_entry(data, key, fragment):
+  with pytest.raises(ConfigError) as info:
+    from_mapping(_Outer, data)
+  assert info.value.key == key and fragment in str(info.value)
 
 
 def test_valid_config_becomes_frozen_dataclasses():
@@ -38,7 +71,14 @@ def test_valid_config_becomes_frozen_dataclasses():
     (lambda c: c.update(optimizer={"warmup_steps": 500}), "optimizer.warmup_steps",
      "exceeds train.steps (100)"),
     (lambda c: c.update(data={"seq_len": 1024}), "data.seq_len", "exceeds model.max_seq_len"),
-    (lambda c: c.update(data={"corpus": "nope"}), "data.corpus", "must be one of"),
+    (lambda c: c.update(data={"tokenizer": {"type": "nope"}}), "data.tokenizer.type",
+     "must be one of"),
+    (lambda c: c.update(data={"domains": {"m": {"name": "maths"}}}), "data.domains.m.name",
+     "demo domains are"),
+    (lambda c: c.update(data={"domains": {"m": {"source": "files"}}}),
+     "data.domains.m.splits", "needs a 'train' entry"),
+    (lambda c: c.update(data={"domains": {"m": {"name": "math", "weight": -1}}}),
+     "data.domains.m.weight", "must be non-negative"),
 ])
 def test_impossible_values_name_their_key(mutate, key, fragment):
   config = _experiment()

@@ -97,6 +97,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
       except ConfigError as e:
         errors.append(e.message)
     raise ConfigError(key, " or ".join(errors))
+  if origin in (dict, Mapping):
+    return _coerce_dict(args, value, key)
+  if origin is tuple:
+    return _coerce_tuple(args, value, key)
   if origin is Literal:
     if value not in args:
       raise ConfigError(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
@@ -114,6 +118,31 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
       raise ConfigError(key, f"expected {hint.__name__}, got {value!r}")
     return value
   raise TypeError(f"unsupported config annotation {hint!r} for {key}")
+
+
+def _coerce_dict(args: tuple[Any, ...], value: Any, key: str) -> dict[str, Any]:
+  """A `dict[str, X]`: every entry coerced to X under the key `key.<name>`."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if not isinstance(value, Mapping):
+    raise ConfigError(key, f"expected a group of named settings, got {value!r}")
+  key_type, value_type = args
+  for name in value:
+    if not isinstance(name, key_type):
+      raise ConfigError(key, f"expected {key_type.__name__} names, got {name!r}")
+  return {name: _coerce(value_type, item, _join(key, name)) for name, item in value.items()}
+
+
+def _coerce_tuple(args: tuple[Any, ...], value: Any, key: str) -> tuple[Any, ...]:
+  """A `tuple[X, ...]` (any length) or `tuple[X, Y]` (fixed length) from a list or tuple."""
+  if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+    raise ConfigError(key, f"expected a list, got {value!r}")
+  if len(args) == 2 and args[1] is Ellipsis:
+    args = (args[0],) * len(value)
+  elif len(args) != len(value):
+    raise ConfigError(key, f"expected {len(args)} items, got {len(value)}")
+  return tuple(_coerce(hint, item, f"{key}[{i}]")
+               for i, (hint, item) in enumerate(zip(args, value, strict=True)))
 
 
 def to_dict(config: Any) -> dict[str, Any]:
