@@ -2,8 +2,8 @@
 
     python -m jbtx.train --config=configs/btx.py
 
-Stage implemented so far: `seed` — a tiny dense Llama trained from scratch on the
-interpreter's standard library sources (byte tokens). Scale up with overrides, e.g.
+Stage implemented so far: `seed` — a tiny dense Llama trained from scratch on the four
+built-in demo domains (code, math, knowledge, general; byte tokens). Scale up with overrides, e.g.
 --config.model.n_layers=8 --config.train.steps=2000.
 """
 
@@ -16,8 +16,11 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = presets.config_dict("tiny")
-  config.data = ml_collections.ConfigDict(
-      {"corpus": "stdlib_code", "seq_len": 256, "batch_size": 16, "validation_fraction": 0.05})
+  config.data = ml_collections.ConfigDict({
+      "domains": {name: {"source": "demo", "name": name, "weight": weight}
+                  for name, weight in [("code", 0.4), ("math", 0.3), ("knowledge", 0.1),
+                                       ("general", 0.2)]},
+      "tokenizer": {"type": "byte"}, "seq_len": 256, "batch_size": 16})
   config.optimizer = ml_collections.ConfigDict(
       {"learning_rate": 1e-3, "warmup_steps": 20, "min_lr_ratio": 0.1, "b1": 0.9,
        "b2": 0.95, "weight_decay": 0.1, "grad_clip_norm": 1.0})

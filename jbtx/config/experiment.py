@@ -26,8 +26,8 @@ class ExperimentConfig:
   def __post_init__(self):
     _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
              f"exceeds model.max_seq_len ({self.model.max_seq_len}), got {self.data.seq_len}")
-    _require(self.model.vocab_size >= BYTE_VOCAB_SIZE, "model.vocab_size",
-             f"the {self.data.corpus} corpus uses byte tokens, which need at least "
-             f"{BYTE_VOCAB_SIZE} ids, got {self.model.vocab_size}")
+    _require(self.data.tokenizer.type != "byte" or self.model.vocab_size >= BYTE_VOCAB_SIZE,
+             "model.vocab_size", f"data.tokenizer.type 'byte' uses byte tokens, which need "
+             f"at least {BYTE_VOCAB_SIZE} ids, got {self.model.vocab_size}")
     _require(self.optimizer.warmup_steps <= self.train.steps, "optimizer.warmup_steps",
              f"exceeds train.steps ({self.train.steps}), got {self.optimizer.warmup_steps}")
