@@ -87,8 +87,10 @@ class DataConfig:
     domains: domain name -> DomainConfig; training draws each packed row from one
       domain with probability proportional to its weight.
     tokenizer: see TokenizerConfig.
-    data_dir: where built-in demo data and prepared datasets are cached ("" means
-      `$JBTX_DATA_DIR`, else `~/.cache/jbtx`); also the TFDS `data_dir`.
+    data_dir: where built-in demo data and prepared local files are cached ("" means
+      `$JBTX_DATA_DIR`, else `~/.cache/jbtx`).
+    tfds_data_dir: where source "tfds" datasets are read from ("": TFDS's default);
+      they must be prepared as ArrayRecord, nothing is downloaded.
     seq_len: tokens per packed row.
     batch_size: rows per step (global batch, over all processes).
     reweighting: "none" (static weights) or "loss": after each evaluation the weights
@@ -102,6 +104,7 @@ class DataConfig:
   domains: dict[str, DomainConfig] = dataclasses.field(default_factory=_demo_domains)
   tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
   data_dir: str = ""
+  tfds_data_dir: str = ""
   seq_len: int = 256
   batch_size: int = 16
   reweighting: Literal["none", "loss"] = "none"

@@ -51,8 +51,9 @@ def reweight(weights: Sequence[float], losses: Sequence[float],
 class ShuffledOrder:
   """Document slot -> document index: epoch `slot // n` is a fresh permutation of n docs.
 
-  Permutations are cached for the few most recent epochs (rows of different lanes can
-  be in different epochs); any slot is recomputable from (seed, stream, slot) alone.
+  The most recently used permutations are cached (at least 4, up to ~2^22 indices in
+  all), since the lanes of a small domain are spread over many epochs; any slot is
+  recomputable from (seed, stream, slot) alone.
   """
 
   def __init__(self, n: int, seed: int, stream: int):
@@ -60,14 +61,17 @@ class ShuffledOrder:
     self._seed = seed
     self._stream = stream
     self._cache: dict[int, np.ndarray] = {}
+    self._cache_size = max(4, 2**22 // n)
 
   def _permutation(self, epoch: int) -> np.ndarray:
-    if epoch not in self._cache:
-      if len(self._cache) >= 4:
-        del self._cache[min(self._cache)]
-      self._cache[epoch] = np.random.default_rng(
-          [self._seed, self._stream, epoch]).permutation(self.n)
-    return self._cache[epoch]
+    permutation = self._cache.pop(epoch, None)
+    if permutation is None:
+      if len(self._cache) >= self._cache_size:
+        del self._cache[next(iter(self._cache))]  # The least recently used.
+      permutation = np.random.default_rng([self._seed, self._stream, epoch]).permutation(
+          self.n)
+    self._cache[epoch] = permutation
+    return permutation
 
   def __getitem__(self, slot: int) -> int:
     epoch, index = divmod(slot, self.n)

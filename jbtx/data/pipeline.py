@@ -48,7 +48,7 @@ def open_source(config: DataConfig, name: str, split: str) -> sources.Source:
                      f"have {', '.join(sorted(domain.splits))}")
   try:
     if domain.source == "tfds":
-      return sources.tfds_source(domain.name, domain.splits[split], config.data_dir,
+      return sources.tfds_source(domain.name, domain.splits[split], config.tfds_data_dir,
                                  domain.text_key)
     if domain.prepare:
       from jbtx.data import tfds_builder

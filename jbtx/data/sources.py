@@ -158,7 +158,7 @@ class FileSource:
     return len(self._index)
 
   def __getitem__(self, index: int) -> str:
-    file, start, end = (int(v) for v in self._index[index])
+    file, start, end = self._index[index].tolist()
     text = bytes(self._data[file][start:end]).decode("utf-8", errors="replace")
     if self._formats[file] == "jsonl":
       return json.loads(text)[self._text_key]
@@ -199,9 +199,10 @@ def tfds_source(name: str, split: str, data_dir: str, text_key: str) -> TfdsSour
     data = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
   except tfds.core.registered.DatasetNotFoundError:
     raise ValueError(f"unknown TFDS dataset {name!r} (config key 'name')") from None
-  except AssertionError as e:  # Registered but not prepared under data_dir.
-    raise ValueError(f"TFDS dataset {name!r} is not prepared under {data_dir!r}: {e}"
-                     ) from None
+  except (AssertionError, NotImplementedError):  # Registered, but no ArrayRecord files.
+    raise ValueError(f"TFDS dataset {name!r} is not prepared as ArrayRecord under "
+                     f"{data_dir or 'the TFDS default data dir'} (prepare it with "
+                     "file_format='array_record'; jbtx never downloads)") from None
   except ValueError as e:
     raise ValueError(f"TFDS dataset {name!r}: bad split {split!r}: {e}") from None
   return TfdsSource(data, text_key, f"tfds:{name}[{split}]")

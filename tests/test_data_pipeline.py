@@ -1,0 +1,148 @@
+"""The training iterator: determinism, exact resume, mixtures, per-process shards; eval."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jbtx.config import DataConfig, from_mapping, to_dict
+from jbtx.data import mixture, pipeline
+from tests.data_fixtures import BOS, files_config, take, texts
+
+KEYS = ("tokens", "segment_ids", "positions")
+
+
+def _assert_same(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b, strict=True):
+    for key in KEYS:
+      np.testing.assert_array_equal(x[key], y[key])
+
+
+def _three_domains(tmp_path, weights=(0.5, 0.3, 0.2), n_docs=25, **data):
+  return files_config(tmp_path, {name: (texts(name, n_docs + 7 * i, seed=i), w)
+                                 for i, (name, w) in enumerate(zip("abc", weights,
+                                                                   strict=True))},
+                      **({"batch_size": 8, "seq_len": 24} | data))
+
+
+def test_same_seed_same_batches_other_seed_other_batches(tmp_path):
+  config = _three_domains(tmp_path)
+  first = take(pipeline.train_iterator(config, seed=1), 6)
+  _assert_same(first, take(pipeline.train_iterator(config, seed=1), 6))
+  other = take(pipeline.train_iterator(config, seed=2), 6)
+  assert not all(np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(first, other,
+                                                                          strict=True))
+  assert first[0]["tokens"].shape == (8, 24) and first[0]["tokens"].dtype == np.int32
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_resume_continues_the_exact_stream(tmp_path, prefetch):
+  config = _three_domains(tmp_path, prefetch=prefetch)
+  uninterrupted = take(pipeline.train_iterator(config, seed=5), 40)
+  before = pipeline.train_iterator(config, seed=5)
+  head = take(before, 25)  # Several epochs of the smallest domain's lanes.
+  state = json.loads(json.dumps(before.get_state()))
+  before.close()
+  resumed = pipeline.train_iterator(config, seed=5)
+  next(resumed)  # Whatever it did before is overwritten.
+  resumed.set_state(state)
+  _assert_same(head + take(resumed, 15), uninterrupted)
+  assert len(json.dumps(state)) < 2000
+
+
+def test_two_processes_split_each_global_batch(tmp_path):
+  config = _three_domains(tmp_path, n_docs=200)  # No domain finishes an epoch.
+  single = take(pipeline.train_iterator(config, seed=0), 12)
+  shards = [pipeline.train_iterator(config, seed=0, process_index=p, process_count=2)
+            for p in range(2)]
+  halves = [take(s, 12) for s in shards]
+  for step, batch in enumerate(single):
+    for key in KEYS:
+      assert halves[0][step][key].shape == (4, 24)
+      np.testing.assert_array_equal(
+          np.concatenate([halves[0][step][key], halves[1][step][key]]), batch[key])
+  # Disjoint: no document starts in both shards (documents are tagged "<domain><i>:").
+  # They cover the data as the single-process stream does (test_data_packing).
+  starts = [{t for b in h for t in _document_tags(b)} for h in halves]
+  assert len(starts[0]) > 20 and len(starts[1]) > 20 and not starts[0] & starts[1]
+  # The two processes' states together resume a single-process run.
+  merged = shards[0].get_state()
+  merged["cursors"] |= shards[1].get_state()["cursors"]
+  resumed = pipeline.train_iterator(config, seed=0)
+  resumed.set_state(merged)
+  _assert_same(take(resumed, 3), take(pipeline.train_iterator(config, seed=0), 15)[12:])
+  with pytest.raises(ValueError, match="lacks the cursors"):
+    resumed.set_state(shards[1].get_state())
+
+
+def _document_tags(batch) -> list[str]:
+  """The `<domain><i>:` tags of the documents that start in `batch`."""
+  tags = []
+  for tokens in batch["tokens"]:
+    for start in np.flatnonzero(tokens == BOS):
+      tail = bytes(tokens[start + 1:start + 8].clip(0, 255).astype(np.uint8))
+      if b":" in tail:  # Not cut off by the end of the row.
+        tags.append(tail.split(b":")[0].decode())
+  return tags
+
+
+def _row_domains(batch) -> list[str]:
+  """Each row's domain: the letter of the first document tag in the row."""
+  out = []
+  for tokens in batch["tokens"]:
+    starts = np.flatnonzero(tokens == BOS)
+    out.append(chr(tokens[starts[0] + 1]) if len(starts) else None)
+  return out
+
+
+def test_mixture_proportions_over_10k_sequences(tmp_path):
+  weights = {"a": 0.5, "b": 0.3, "c": 0.2}
+  config = _three_domains(tmp_path, tuple(weights.values()), batch_size=200, seq_len=96)
+  domains = [d for b in take(pipeline.train_iterator(config, seed=0), 50)
+             for d in _row_domains(b)]
+  assert len(domains) == 10_000 and None not in domains
+  for name, weight in weights.items():
+    assert abs(domains.count(name) / len(domains) - weight) < 0.02, name
+
+
+def test_dynamic_reweighting_favours_domains_behind_their_reference(tmp_path):
+  new = mixture.reweight([0.5, 0.5], losses=[3.0, 2.0], reference=[2.0, 2.0], eta=1.0,
+                         smoothing=0.1)
+  np.testing.assert_allclose(new, np.exp([1.0, 0.0]) / np.exp([1.0, 0.0]).sum() * 0.9 + 0.05)
+  spec = to_dict(_three_domains(tmp_path))
+  for domain in spec["domains"].values():
+    domain["reference_loss"] = 2.0
+  config = from_mapping(DataConfig, spec | {"reweighting": "loss", "prefetch": 2})
+  it = pipeline.train_iterator(config, seed=0)
+  take(it, 2)
+  weights = it.update_weights({"a": 2.0, "b": 2.0, "c": 4.0})
+  np.testing.assert_allclose(list(weights.values()), mixture.reweight(
+      [0.5, 0.3, 0.2], [2.0, 2.0, 4.0], [2.0] * 3, 1.0, 1e-4))
+  assert weights["c"] > 0.5
+  state = it.get_state()
+  after = take(it, 4)
+  resumed = pipeline.train_iterator(config, seed=0)
+  resumed.set_state(state)
+  assert resumed.weights == weights
+  _assert_same(take(resumed, 4), after)
+  with pytest.raises(ValueError, match="re-weighting needs a loss"):
+    it.update_weights({"a": 1.0})
+
+
+def test_eval_batches_cover_every_document_once_in_order(tmp_path):
+  config = _three_domains(tmp_path, batch_size=4, seq_len=16)
+  tokenizer = pipeline.make_tokenizer(config)
+  for domain, names in (("b", "b"), (None, "abc")):
+    batches = list(pipeline.eval_batches(config, "validation", domain=domain))
+    tokens = np.concatenate([b["tokens"][b["segment_ids"] > 0] for b in batches])
+    expected = np.concatenate([tokenizer.encode(t, True, True) for n in names
+                               for t in texts(n, 25 + 7 * "abc".index(n),
+                                              seed="abc".index(n))])
+    np.testing.assert_array_equal(tokens, expected)
+    assert (batches[-1]["segment_ids"][-1] == 0).any()  # The tail is padded.
+  halves = [list(pipeline.eval_batches(config, "validation", process_index=p,
+                                       process_count=2)) for p in range(2)]
+  assert len(halves[0]) == len(halves[1]) == len(batches)
+  for a, b, full in zip(*halves, batches, strict=True):
+    np.testing.assert_array_equal(np.concatenate([a["tokens"], b["tokens"]]), full["tokens"])
