@@ -77,7 +77,7 @@ def _line_spans(data: bytes | mmap.mmap) -> list[tuple[int, int]]:
 
 
 def _line_number(data: bytes | mmap.mmap, offset: int) -> int:
-  return data.count(b"\n", 0, offset) + 1
+  return data[:offset].count(b"\n") + 1
 
 
 def _jsonl_spans(path: pathlib.Path, data: bytes | mmap.mmap,
