@@ -85,5 +85,6 @@ def test_default_config_trains_on_the_four_demo_domains(built):
   for domain in DOMAINS:
     first = next(pipeline.eval_batches(config, "test", domain=domain))
     assert (first["segment_ids"] > 0).any()
+  assert pipeline.eval_tasks(config, "math", "test") == demo.tasks("math", "test", root)
   with pytest.raises(ValueError, match="has no tasks"):
-    demo.tasks("code", "test", root)
+    pipeline.eval_tasks(config, "code", "test")

@@ -74,6 +74,25 @@ def test_two_processes_split_each_global_batch(tmp_path):
   _assert_same(take(resumed, 3), take(pipeline.train_iterator(config, seed=0), 15)[12:])
   with pytest.raises(ValueError, match="lacks the cursors"):
     resumed.set_state(shards[1].get_state())
+  with pytest.raises(ValueError, match="has seq_len 24, but this pipeline has 32"):
+    pipeline.train_iterator(_three_domains(tmp_path, n_docs=200, seq_len=32),
+                            seed=0).set_state(merged)
+
+
+def test_errors_in_the_prefetch_thread_reach_the_caller(tmp_path, monkeypatch):
+  choose = mixture.choose_domains
+
+  def failing(probabilities, seed, step, batch_size):
+    if step == 3:
+      raise RuntimeError("broken at step 3")
+    return choose(probabilities, seed, step, batch_size)
+
+  monkeypatch.setattr(mixture, "choose_domains", failing)
+  it = pipeline.train_iterator(_three_domains(tmp_path, prefetch=2), seed=0)
+  assert len(take(it, 3)) == 3
+  for _ in range(2):
+    with pytest.raises(RuntimeError, match="broken at step 3"):
+      next(it)
 
 
 def _document_tags(batch) -> list[str]:
@@ -98,7 +117,7 @@ def _row_domains(batch) -> list[str]:
 
 def test_mixture_proportions_over_10k_sequences(tmp_path):
   weights = {"a": 0.5, "b": 0.3, "c": 0.2}
-  config = _three_domains(tmp_path, tuple(weights.values()), batch_size=200, seq_len=96)
+  config = _three_domains(tmp_path, tuple(weights.values()), batch_size=200, seq_len=32)
   domains = [d for b in take(pipeline.train_iterator(config, seed=0), 50)
              for d in _row_domains(b)]
   assert len(domains) == 10_000 and None not in domains

@@ -165,6 +165,7 @@ class TrainIterator:
     self._prefetch = prefetch
     self._state = producer.state()
     self._thread: threading.Thread | None = None
+    self._error: Exception | None = None
     self._start()
 
   def _start(self) -> None:
@@ -205,8 +206,11 @@ class TrainIterator:
       batch = self._producer.next()
       self._state = self._producer.state()
       return batch
+    if self._error is not None:
+      raise self._error
     item = self._queue.get()
     if isinstance(item, Exception):
+      self._error = item  # The thread has stopped; every later call fails the same way.
       raise item
     batch, self._state = item
     return batch
@@ -220,6 +224,7 @@ class TrainIterator:
     self._halt()
     self._producer.restore(state)
     self._state = self._producer.state()
+    self._error = None
     self._start()
 
   @property
@@ -285,6 +290,15 @@ def eval_batches(config: DataConfig, split: str, *, domain: str | None = None,
       row, cursor = packing.fill_row(cursor, document, config.seq_len, tokenizer.pad_id)
       rows.append(row)
     yield packing.stack(rows[lanes.start:lanes.stop])
+
+
+def eval_tasks(config: DataConfig, domain: str, split: str) -> list[dict[str, str]]:
+  """Evaluation tasks `{"prompt", "answer"}` of a demo domain (math, knowledge)."""
+  spec = config.domains.get(domain)
+  if spec is None or spec.source != "demo":
+    raise ValueError(f"config key 'data.domains.{domain}': tasks come with the demo "
+                     f"domains {', '.join(demo.TASK_DOMAINS)} only")
+  return demo.tasks(spec.name, split, demo.data_dir(config.data_dir))
 
 
 def documents(config: DataConfig, split: str) -> list[str]:
