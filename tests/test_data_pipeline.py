@@ -26,6 +26,16 @@ def _three_domains(tmp_path, weights=(0.5, 0.3, 0.2), n_docs=25, **data):
                       **({"batch_size": 8, "seq_len": 24} | data))
 
 
+@pytest.mark.parametrize("n", [1, 5, 64, 1000])
+def test_every_epoch_is_a_fresh_permutation(n):
+  order = mixture.ShuffledOrder(n, seed=7, stream=2)
+  epochs = [[order[e * n + i] for i in range(n)] for e in range(3)]
+  assert all(sorted(e) == list(range(n)) for e in epochs)
+  if n == 1000:
+    assert epochs[0] != epochs[1] and epochs[0] != list(range(n))
+    assert epochs[0] != [mixture.ShuffledOrder(n, seed=8, stream=2)[i] for i in range(n)]
+
+
 def test_same_seed_same_batches_other_seed_other_batches(tmp_path):
   config = _three_domains(tmp_path)
   first = take(pipeline.train_iterator(config, seed=1), 6)

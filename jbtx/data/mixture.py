@@ -8,6 +8,7 @@ fresh permutation per epoch.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,32 +49,44 @@ def reweight(weights: Sequence[float], losses: Sequence[float],
   return (1 - smoothing) * new + smoothing / len(new)
 
 
+_M64 = (1 << 64) - 1
+_ROUNDS = 6
+
+
+def _mix(x: int) -> int:
+  """SplitMix64's finaliser: a 64-bit integer hash."""
+  x = (x + 0x9E3779B97F4A7C15) & _M64
+  x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+  x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+  return x ^ (x >> 31)
+
+
+@functools.lru_cache(maxsize=256)
+def _round_keys(base: int, epoch: int) -> tuple[int, ...]:
+  return tuple(_mix(base ^ _mix(epoch * _ROUNDS + r)) for r in range(_ROUNDS))
+
+
 class ShuffledOrder:
   """Document slot -> document index: epoch `slot // n` is a fresh permutation of n docs.
 
-  The most recently used permutations are cached (at least 4, up to ~2^22 indices in
-  all), since the lanes of a small domain are spread over many epochs; any slot is
-  recomputable from (seed, stream, slot) alone.
+  The permutation is a keyed Feistel network on the smallest even number of bits
+  that covers n, with cycle walking down to [0, n): any slot maps in O(1) time and
+  memory from (seed, stream, slot) alone, however large the dataset.
   """
 
   def __init__(self, n: int, seed: int, stream: int):
     self.n = n
-    self._seed = seed
-    self._stream = stream
-    self._cache: dict[int, np.ndarray] = {}
-    self._cache_size = max(4, 2**22 // n)
-
-  def _permutation(self, epoch: int) -> np.ndarray:
-    permutation = self._cache.pop(epoch, None)
-    if permutation is None:
-      if len(self._cache) >= self._cache_size:
-        del self._cache[next(iter(self._cache))]  # The least recently used.
-      permutation = np.random.default_rng([self._seed, self._stream, epoch]).permutation(
-          self.n)
-    self._cache[epoch] = permutation
-    return permutation
+    self._half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
+    self._base = _mix(_mix(seed & _M64) ^ stream)
 
   def __getitem__(self, slot: int) -> int:
-    epoch, index = divmod(slot, self.n)
-    return int(self._permutation(epoch)[index])
-
+    epoch, x = divmod(slot, self.n)
+    keys = _round_keys(self._base, epoch)
+    mask = (1 << self._half) - 1
+    while True:
+      left, right = x >> self._half, x & mask
+      for key in keys:
+        left, right = right, left ^ (_mix(right ^ key) & mask)
+      x = (left << self._half) | right
+      if x < self.n:
+        return x
