@@ -45,6 +45,8 @@ def _layer(path, config, rng):
       return dispatch.dense(x, choice, experts)
     if path == "dropless":
       return dispatch.dropless(x, choice, experts)
+    if path == "blocked":
+      return dispatch.blocked(x, choice, experts, blocks=(16, 4))
     # A capacity large enough that nothing is dropped.
     out, dropped = dispatch.capacity_dispatch(x, choice, experts, factor=E, group_size=32)
     return out + 0.0 * dropped
@@ -58,7 +60,7 @@ def _value_and_grads(fn, x, router, experts):
 
 
 @pytest.mark.parametrize("name", ROUTINGS)
-@pytest.mark.parametrize("path", ["dense", "dropless", "capacity"])
+@pytest.mark.parametrize("path", ["dense", "dropless", "blocked", "capacity"])
 def test_dispatch_paths_equal_the_loop_oracle(name, path):
   config = ROUTINGS[name]
   rng = jax.random.key(3) if config.routing == "sample_top1" else None

@@ -11,7 +11,7 @@ from jbtx.config.base import require_positive as _require_positive
 DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 Routing = Literal["topk", "softmax_topk", "switch", "sample_top1", "soft"]
-Dispatch = Literal["auto", "dropless", "capacity", "dense", "loop"]
+Dispatch = Literal["auto", "dropless", "blocked", "capacity", "dense", "loop"]
 LoadBalance = Literal["btx", "switch"]
 
 
@@ -28,9 +28,10 @@ class MoEConfig:
       capacity-limited), "sample_top1" (Gumbel-softmax sample in training, argmax at
       inference), "soft" (all experts, softmax weights).
     renormalize: for "softmax_topk", divide the k gate values by their sum (OLMoE: no).
-    dispatch: "dropless" (sort + grouped matmul), "capacity" (GShard einsums, tokens
-      over capacity dropped), "dense" (every expert on every token), "loop" (the
-      per-expert reference), or "auto" (the fastest exact path for the backend).
+    dispatch: "dropless" (sort + grouped matmul), "blocked" (sort + a loop over row
+      blocks per expert, for CPU), "capacity" (GShard einsums, tokens over capacity
+      dropped), "dense" (every expert on every token), "loop" (the per-expert
+      reference), or "auto" (the fastest exact path for the backend).
     capacity_factor: expert capacity = factor * tokens * k / E, per group.
     capacity_group_size: tokens per GShard routing group.
     every: MoE FFN in every n-th layer (the last of each group of n); 1 = all layers.
