@@ -117,6 +117,22 @@ def test_sample_top1_is_argmax_at_inference_and_random_in_training():
   assert 0.3 < agree < 0.95
 
 
+def test_gumbel_temperature_anneals_to_its_floor_and_sharpens_the_samples():
+  config = MoEConfig(n_experts=E, routing="sample_top1", gumbel_temperature=2.0,
+                     gumbel_min_temperature=0.25, gumbel_anneal_rate=1e-2)
+  steps = jnp.array([0, 100, 1000])
+  expected = np.maximum(0.25, 2.0 * np.exp(-1e-2 * np.array([0, 100, 1000])))
+  np.testing.assert_allclose(routing.gumbel_temperature(config, steps), expected, rtol=1e-6)
+  assert float(routing.gumbel_temperature(config, None)) == 2.0
+  logits = jax.random.normal(jax.random.key(0), (512, E))
+  hot, cold = (routing.route(logits, config, jax.random.key(1),
+                             routing.gumbel_temperature(config, jnp.array(step)))
+               for step in (0, 1000))
+  # Same noise, same argmax; a colder softmax puts more weight on the sampled expert.
+  np.testing.assert_array_equal(hot.experts, cold.experts)
+  assert float(jnp.mean(cold.weights)) > float(jnp.mean(hot.weights)) + 0.1
+
+
 @pytest.mark.parametrize("kind", ["btx", "switch"])
 def test_load_balance_is_one_when_balanced_and_larger_when_not(kind):
   balanced = 5.0 * jnp.eye(4)  # token i prefers expert i; softmax means are uniform

@@ -72,6 +72,17 @@ def test_dispatch_paths_agree_through_the_whole_model(path):
                got_grads, want_grads)
 
 
+def test_training_step_anneals_the_gumbel_temperature_in_every_layer():
+  cfg = _config(routing="sample_top1", gumbel_anneal_rate=1e-2, gumbel_min_temperature=0.1)
+  model = Llama(cfg, train=True)
+  params = init_params(model, jax.random.key(0))
+  tokens = _tokens(cfg)
+  logits = jax.jit(lambda step: model.apply({"params": params}, tokens, step=step,
+                                            rngs={"router": jax.random.key(1)}))
+  np.testing.assert_array_equal(logits(None), logits(jnp.array(0)))  # τ0 at step 0
+  assert not np.allclose(logits(jnp.array(0)), logits(jnp.array(1000)), atol=1e-3)
+
+
 def test_kv_cache_decoding_with_moe_layers():
   model = Llama(_config(every=2))
   params = init_params(model, jax.random.key(2))

@@ -37,7 +37,10 @@ class MoEConfig:
     every: MoE FFN in every n-th layer (the last of each group of n); 1 = all layers.
     n_shared_experts: always-on experts of width d_ff, added to the routed output.
     router_jitter: multiplicative uniform noise on the router input in training.
-    gumbel_temperature: temperature of "sample_top1" in training.
+    gumbel_temperature: initial temperature τ0 of "sample_top1" in training.
+    gumbel_min_temperature: floor of the annealed temperature.
+    gumbel_anneal_rate: r of the schedule `τ(step) = max(τ_min, τ0 · exp(−r · step))`
+      (Jang et al. 2017's annealing; r = 0 keeps τ0 constant).
     load_balance: "btx" (`N Σ u_i p_i`, u = mean gate value) or "switch"
       (`N Σ f_i p_i`, f = fraction of assignments); both equal 1 when balanced.
     load_balance_coef: weight of the load-balancing loss (averaged over layers).
@@ -56,6 +59,8 @@ class MoEConfig:
   n_shared_experts: int = 0
   router_jitter: float = 0.0
   gumbel_temperature: float = 1.0
+  gumbel_min_temperature: float = 0.5
+  gumbel_anneal_rate: float = 1e-4
   load_balance: LoadBalance = "btx"
   load_balance_coef: float = 0.01
   router_z_coef: float = 0.0
@@ -73,6 +78,12 @@ class MoEConfig:
              f"must be in [0, 1), got {self.router_jitter}")
     _require(self.gumbel_temperature > 0, "gumbel_temperature",
              f"must be positive, got {self.gumbel_temperature}")
+    _require(0 < self.gumbel_min_temperature <= self.gumbel_temperature,
+             "gumbel_min_temperature",
+             f"must be in (0, gumbel_temperature = {self.gumbel_temperature}], "
+             f"got {self.gumbel_min_temperature}")
+    _require(self.gumbel_anneal_rate >= 0, "gumbel_anneal_rate",
+             f"must be non-negative, got {self.gumbel_anneal_rate}")
     for key in ("load_balance_coef", "router_z_coef"):
       _require(getattr(self, key) >= 0, key, f"must be non-negative, got {getattr(self, key)}")
 

@@ -142,13 +142,14 @@ class Block(nn.Module):
   use_moe: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None):
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+               step: jax.Array | None = None):
     cfg = self.config
     h = RMSNorm(cfg, name="attn_norm")(x)
     x = x + Attention(cfg, self.decode, name="attn")(h, positions, segment_ids)
     h = RMSNorm(cfg, name="mlp_norm")(x)
     if self.use_moe:
-      x = x + MoE(cfg, self.train, name="moe")(h)
+      x = x + MoE(cfg, self.train, name="moe")(h, step)
     else:
       x = x + MLP(cfg, name="mlp")(h)
     return constrain(x, ("act_batch", "act_length", "act_embed")), None
@@ -162,11 +163,12 @@ class BlockGroup(nn.Module):
   train: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None):
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+               step: jax.Array | None = None):
     every = self.config.moe.every
     for j in range(every):
       x, _ = Block(self.config, self.decode, self.train, use_moe=j == every - 1,
-                   name=f"block_{j}")(x, positions, segment_ids)
+                   name=f"block_{j}")(x, positions, segment_ids, step)
     return x, None
 
 
@@ -185,7 +187,7 @@ def block_stack(block_cls: type[nn.Module], config: ModelConfig) -> type[nn.Modu
       block_cls,
       variable_axes={"params": 0, "cache": 0, "intermediates": 0},
       split_rngs={"params": True, "router": True},
-      in_axes=(nn.broadcast, nn.broadcast),
+      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
       length=n_layer_groups(config),
       metadata_params={nn.PARTITION_NAME: "layers"},
   )
@@ -219,7 +221,8 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None, step: jax.Array | None = None
+               ) -> jax.Array:
     """Runs the decoder.
 
     Args:
@@ -229,6 +232,8 @@ class Llama(nn.Module):
         decoding (the position of each new token in its sequence).
       segment_ids: int `[batch, seq]` document ids of packed rows (tokens attend only
         within their document); None for one document per row.
+      step: the training step (int scalar), for schedules inside the model (the
+        Gumbel temperature of "sample_top1" routing); None outside training.
 
     Returns:
       float32 logits `[batch, seq, vocab]`.
@@ -243,20 +248,21 @@ class Llama(nn.Module):
         positions = positions_from_segments(segment_ids)
     x = Embed(cfg, name="embed")(tokens)
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
-    x = self.run_blocks(x, positions, segment_ids)
+    x = self.run_blocks(x, positions, segment_ids, step)
     x = RMSNorm(cfg, name="final_norm")(x)
     logits = Dense(cfg, (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x)
     return constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
 
-  def run_blocks(self, x: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array | None) -> jax.Array:
+  def run_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+                 step: jax.Array | None = None) -> jax.Array:
     """Applies the blocks, scanned (params under "layers") or unrolled ("layers_{i}")."""
     cfg = self.config
     if cfg.scan_layers:
-      x, _ = block_unit(cfg, self.decode, self.train, "layers")(x, positions, segment_ids)
+      x, _ = block_unit(cfg, self.decode, self.train, "layers")(x, positions, segment_ids, step)
       return x
     for i in range(n_layer_groups(cfg)):
-      x, _ = block_unit(cfg, self.decode, self.train, f"layers_{i}")(x, positions, segment_ids)
+      unit = block_unit(cfg, self.decode, self.train, f"layers_{i}")
+      x, _ = unit(x, positions, segment_ids, step)
     return x
 
 

@@ -68,7 +68,8 @@ class MoE(nn.Module):
   train: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, step: jax.Array | None = None) -> jax.Array:
+    """Routes `x [batch, seq, embed]`; `step` anneals the Gumbel temperature in training."""
     cfg, moe = self.config, self.config.moe
     n_experts, d, f = moe.n_experts, cfg.d_model, moe.d_ff or cfg.d_ff
     param_dtype, dtype = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
@@ -84,7 +85,7 @@ class MoE(nn.Module):
     logits = router_in @ router.astype(jnp.float32)  # [T, E], always float32
     sample_rng = (self.make_rng("router")
                   if self.train and moe.routing == "sample_top1" else None)
-    choice = routing.route(logits, moe, sample_rng)
+    choice = routing.route(logits, moe, sample_rng, routing.gumbel_temperature(moe, step))
 
     def expert_kernel(name, shape, axes):
       return self.param(name, kernel_init(cfg, axes), shape, param_dtype).astype(dtype)

@@ -29,13 +29,28 @@ class Routing(NamedTuple):
   weights: jax.Array  # float32 [tokens, k]
 
 
-def route(logits: jax.Array, config: MoEConfig, rng: jax.Array | None = None) -> Routing:
+def gumbel_temperature(config: MoEConfig, step: jax.Array | None) -> jax.Array:
+  """The annealed "sample_top1" temperature `max(τ_min, τ0 · exp(−r · step))`.
+
+  τ0 (`gumbel_temperature`) when `step` is None.
+  """
+  if step is None:
+    return jnp.asarray(config.gumbel_temperature, jnp.float32)
+  annealed = config.gumbel_temperature * jnp.exp(
+      -config.gumbel_anneal_rate * jnp.asarray(step, jnp.float32))
+  return jnp.maximum(config.gumbel_min_temperature, annealed)
+
+
+def route(logits: jax.Array, config: MoEConfig, rng: jax.Array | None = None,
+          temperature: jax.Array | float | None = None) -> Routing:
   """Chooses experts and gate values from float32 router `logits [tokens, E]`.
 
   Args:
     logits: router logits.
     config: routing variant and k.
     rng: randomness for "sample_top1" in training; None means inference (argmax).
+    temperature: Gumbel-softmax temperature of "sample_top1" in training (default:
+      `config.gumbel_temperature`; see `gumbel_temperature` for the schedule).
   """
   n_tokens, n_experts = logits.shape
   if config.routing == "topk":
@@ -54,7 +69,9 @@ def route(logits: jax.Array, config: MoEConfig, rng: jax.Array | None = None) ->
     if rng is None:
       return Routing(jnp.argmax(logits, axis=-1, keepdims=True).astype(jnp.int32),
                      jnp.ones((n_tokens, 1), jnp.float32))
-    noisy = (logits + jax.random.gumbel(rng, logits.shape)) / config.gumbel_temperature
+    if temperature is None:
+      temperature = config.gumbel_temperature
+    noisy = (logits + jax.random.gumbel(rng, logits.shape)) / temperature
     sample = jax.nn.softmax(noisy, axis=-1)
     weights, experts = jax.lax.top_k(sample, 1)
     return Routing(experts.astype(jnp.int32), weights)
