@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jbtx.config import MoEConfig, OptimizerConfig
+from jbtx import parallel
+from jbtx.config import MeshConfig, MoEConfig, OptimizerConfig
 from jbtx.models import presets
 from jbtx.models.llama import Llama, init_params
 from jbtx.models.moe import aux_loss, collect_moe_stats
@@ -23,6 +24,10 @@ def _config(**moe):
 
 def _tokens(cfg, shape=(2, 12), seed=0):
   return jax.random.randint(jax.random.key(seed), shape, 0, cfg.vocab_size, jnp.int32)
+
+
+def _one_device():
+  return parallel.make_mesh(MeshConfig(), jax.devices()[:1])
 
 
 def _unstack(params, n):
@@ -123,7 +128,7 @@ def _one_step(freeze):
   batch = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens),
            "positions": jnp.broadcast_to(jnp.arange(16), tokens.shape)}
   before = jax.device_get(params)  # the step donates (deletes) the old state
-  new_state, metrics = make_train_step(model, optimizer)(state, batch)
+  new_state, metrics = make_train_step(model, optimizer, _one_device())(state, batch)
   changed = jax.tree_util.tree_map_with_path(
       lambda path, a, b: (parameter_group(tuple(p.key for p in path)),
                           bool(np.any(a != np.asarray(b)))), before, new_state.params)
@@ -156,7 +161,7 @@ def test_train_step_minimises_cross_entropy_plus_aux_loss():
   tokens = _tokens(cfg, (2, 16), seed=5)
   batch = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens),
            "positions": jnp.broadcast_to(jnp.arange(16), tokens.shape)}
-  step = make_train_step(model, optimizer)
+  step = make_train_step(model, optimizer, _one_device())
   state, first = step(state, batch)
   expected = (0.5 * first["load_balance_loss"] + 0.1 * first["router_z_loss"])
   assert float(first["aux_loss"]) == pytest.approx(float(expected), rel=1e-5)

@@ -9,7 +9,7 @@ import numpy as np
 import jbtx
 
 _FAST = ["--config.train.steps=6", "--config.train.log_every=3", "--config.train.eval_batches=1",
-         "--config.optimizer.warmup_steps=2", "--config.data.batch_size=4",
+         "--config.optimizer.warmup_steps=2", "--config.data.batch_size=8",
          "--config.data.seq_len=64", "--config.model.n_layers=2", "--config.train.sample_tokens=8"]
 
 

@@ -1,8 +1,9 @@
 """Typed, validated configuration, one module per concern.
 
 `base` holds the ConfigDict -> dataclass machinery (`from_mapping`, `ConfigError`);
-`model`, `data`, `optimizer`, `training` and `experiment` hold the dataclasses. Import
-them from here: `from jbtx.config import ExperimentConfig, from_mapping`.
+`model`, `data`, `optimizer`, `parallel` (the mesh), `training` and `experiment` hold
+the dataclasses. Import them from here: `from jbtx.config import ExperimentConfig,
+from_mapping`.
 """
 
 from jbtx.config.base import ConfigError, from_mapping, to_dict
@@ -10,13 +11,16 @@ from jbtx.config.data import DataConfig
 from jbtx.config.experiment import BYTE_VOCAB_SIZE, ExperimentConfig
 from jbtx.config.model import ModelConfig, MoEConfig
 from jbtx.config.optimizer import OptimizerConfig
+from jbtx.config.parallel import MESH_AXES, MeshConfig
 from jbtx.config.training import TrainConfig
 
 __all__ = [
     "BYTE_VOCAB_SIZE",
+    "MESH_AXES",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
+    "MeshConfig",
     "MoEConfig",
     "ModelConfig",
     "OptimizerConfig",

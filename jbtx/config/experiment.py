@@ -8,6 +8,7 @@ from jbtx.config.base import require as _require
 from jbtx.config.data import DataConfig
 from jbtx.config.model import ModelConfig
 from jbtx.config.optimizer import OptimizerConfig
+from jbtx.config.parallel import MeshConfig
 from jbtx.config.training import TrainConfig
 
 BYTE_VOCAB_SIZE = 259  # jbtx.data.tokenizers.ByteTokenizer.vocab_size
@@ -22,6 +23,7 @@ class ExperimentConfig:
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
   def __post_init__(self):
     _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
@@ -31,3 +33,7 @@ class ExperimentConfig:
              f"at least {BYTE_VOCAB_SIZE} ids, got {self.model.vocab_size}")
     _require(self.optimizer.warmup_steps <= self.train.steps, "optimizer.warmup_steps",
              f"exceeds train.steps ({self.train.steps}), got {self.optimizer.warmup_steps}")
+    _require(self.data.batch_size % self.optimizer.grad_accum_steps == 0,
+             "optimizer.grad_accum_steps",
+             f"must divide data.batch_size ({self.data.batch_size}), "
+             f"got {self.optimizer.grad_accum_steps}")

@@ -1,4 +1,4 @@
-"""The optimizer: AdamW, its schedule, clipping and freezing."""
+"""The optimizer: AdamW, its schedule, clipping, freezing and gradient accumulation."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ class OptimizerConfig:
 
   `freeze`: "none"; "experts" (train everything but the MoE expert FFNs); or
   "all_but_router" (train only the MoE routers). Frozen parameters get no update.
+  `router_lr_multiplier` / `experts_lr_multiplier` scale the learning rate (and so the
+  decoupled weight decay) of the MoE routers / expert FFNs (`optimizer.parameter_group`).
+  `grad_accum_steps`: micro-batches per step; the global batch is split into that many
+  micro-batches whose gradients are summed, token-weighted, before one update.
   """
 
   learning_rate: float = 3e-3
@@ -27,6 +31,9 @@ class OptimizerConfig:
   weight_decay: float = 0.1
   grad_clip_norm: float = 1.0
   freeze: Freeze = "none"
+  router_lr_multiplier: float = 1.0
+  experts_lr_multiplier: float = 1.0
+  grad_accum_steps: int = 1
 
   def __post_init__(self):
     _require(self.learning_rate > 0, "learning_rate",
@@ -41,3 +48,7 @@ class OptimizerConfig:
              f"must be non-negative, got {self.weight_decay}")
     _require(self.grad_clip_norm > 0, "grad_clip_norm",
              f"must be positive, got {self.grad_clip_norm}")
+    for key in ("router_lr_multiplier", "experts_lr_multiplier"):
+      _require(getattr(self, key) >= 0, key, f"must be non-negative, got {getattr(self, key)}")
+    _require(self.grad_accum_steps > 0, "grad_accum_steps",
+             f"must be positive, got {self.grad_accum_steps}")

@@ -13,14 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from jbtx import checkpoint
+from jbtx import checkpoint, parallel
 from jbtx.config import ExperimentConfig
 from jbtx.data import pipeline
 from jbtx.data.tokenizers import ByteTokenizer
 from jbtx.eval.generate import generate
-from jbtx.models.llama import Llama, init_params
+from jbtx.models.llama import Llama
 from jbtx.training.optimizer import learning_rate_schedule, make_optimizer
-from jbtx.training.step import TrainState, make_eval_step, make_train_step
+from jbtx.training.step import init_train_state, make_eval_step, make_train_step
 
 
 def evaluate(model: Llama, params: Any, config: ExperimentConfig) -> dict[str, float]:
@@ -28,10 +28,11 @@ def evaluate(model: Llama, params: Any, config: ExperimentConfig) -> dict[str, f
   tokenizer = ByteTokenizer()
   batches = pipeline.document_batches(pipeline.documents(config.data, "validation"), tokenizer,
                                       config.data.seq_len, config.data.batch_size, seed=None)
-  eval_step = make_eval_step(model)
+  mesh = parallel.make_mesh(config.mesh)
+  eval_step = make_eval_step(model, mesh)
   total = count = 0.0
   for batch in itertools.islice(batches, config.train.eval_batches):
-    loss_sum, n = eval_step(params, batch)
+    loss_sum, n = eval_step(params, parallel.global_batch(mesh, batch))
     total, count = total + float(loss_sum), count + float(n)
   if count == 0:
     raise ValueError("the validation split yielded no full batch; lower data.batch_size "
@@ -61,10 +62,9 @@ def train_dense(config: ExperimentConfig, output: pathlib.Path, stage: str) -> d
   steps = config.train.steps
   optimizer = make_optimizer(config.optimizer, steps)
   schedule = learning_rate_schedule(config.optimizer, steps)
-  params = init_params(model, jax.random.key(config.seed))
-  state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
-                     jax.random.key(config.seed + 1))
-  train_step = make_train_step(model, optimizer)
+  mesh = parallel.make_mesh(config.mesh)
+  state = init_train_state(model, optimizer, config.seed, mesh)
+  train_step = make_train_step(model, optimizer, mesh, config.optimizer.grad_accum_steps)
   batches = pipeline.document_batches(pipeline.documents(config.data, "train"), ByteTokenizer(),
                                       config.data.seq_len, config.data.batch_size,
                                       seed=config.seed)
@@ -75,7 +75,7 @@ def train_dense(config: ExperimentConfig, output: pathlib.Path, stage: str) -> d
   window_start = time.perf_counter()
   with tqdm.tqdm(total=steps, desc=stage, unit="step", dynamic_ncols=True) as bar:
     for step in range(1, steps + 1):
-      state, metrics = train_step(state, next(batches))
+      state, metrics = train_step(state, parallel.global_batch(mesh, next(batches)))
       window.append(metrics)
       bar.update()
       if step % config.train.log_every == 0 or step == steps:

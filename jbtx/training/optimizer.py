@@ -1,4 +1,5 @@
-"""AdamW with warmup + cosine decay, clipping, weight-decay and freezing masks."""
+"""AdamW with warmup + cosine decay, clipping, weight-decay and freezing masks, and
+per-group learning-rate multipliers."""
 
 from __future__ import annotations
 
@@ -51,12 +52,33 @@ def trainable_mask(params: Any, freeze: str) -> Any:
       lambda path, _: parameter_group(_keys(path)) not in frozen[freeze], params)
 
 
+def scale_by_group(multipliers: dict[str, float]) -> optax.GradientTransformation:
+  """Multiplies the updates of each `parameter_group` by `multipliers[group]` (default 1)."""
+
+  def update(updates, state, params=None):
+    del params
+    scaled = jax.tree_util.tree_map_with_path(
+        lambda path, u: u * multipliers.get(parameter_group(_keys(path)), 1.0), updates)
+    return scaled, state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-  """The AdamW chain; frozen parameters get zero updates and no optimizer state."""
+  """The AdamW chain; frozen parameters get zero updates and no optimizer state.
+
+  AdamW is written out (`scale_by_adam`, decoupled decay, learning rate) so that the
+  learning rate is recorded in the state (`current_learning_rate`) and the group
+  multipliers scale the whole step, decay included.
+  """
+  multipliers = {"router": config.router_lr_multiplier, "experts": config.experts_lr_multiplier}
   adamw = optax.chain(
       optax.clip_by_global_norm(config.grad_clip_norm),
-      optax.adamw(learning_rate_schedule(config, total_steps), b1=config.b1, b2=config.b2,
-                  eps=config.eps, weight_decay=config.weight_decay, mask=weight_decay_mask),
+      optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
+      optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
+      optax.inject_hyperparams(optax.scale_by_learning_rate)(
+          learning_rate=learning_rate_schedule(config, total_steps)),
+      scale_by_group(multipliers),
   )
   if config.freeze == "none":
     return adamw
@@ -64,3 +86,10 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
       lambda trainable: "train" if trainable else "freeze",
       trainable_mask(params, config.freeze))
   return optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()}, labels)
+
+
+def current_learning_rate(opt_state: Any) -> jax.Array | None:
+  """The learning rate (before group multipliers) of the last update that produced the
+  `make_optimizer` state `opt_state`; None for states that record none."""
+  return optax.tree_utils.tree_get(opt_state, "learning_rate",
+                                   filtering=lambda _, value: not hasattr(value, "count"))
