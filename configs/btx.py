@@ -8,6 +8,7 @@ built-in demo domains (code, math, knowledge, general; byte tokens). Scale up wi
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from jbtx.models import presets
 
@@ -25,6 +26,13 @@ def get_config() -> ml_collections.ConfigDict:
       {"learning_rate": 1e-3, "warmup_steps": 20, "min_lr_ratio": 0.1, "b1": 0.9,
        "b2": 0.95, "weight_decay": 0.1, "grad_clip_norm": 1.0})
   config.train = ml_collections.ConfigDict(
-      {"steps": 300, "log_every": 20, "eval_batches": 8, "sample_prompt": "def ",
-       "sample_tokens": 80, "sample_temperature": 0.8})
+      {"steps": 300, "log_every": 20, "eval_batches": 8, "eval_every": 0, "sample_prompt": "def ",
+       "sample_tokens": 80, "sample_temperature": 0.8, "checkpoint_every": 100,
+       "keep_last": 2, "keep_every": 0, "async_checkpoints": True, "max_skipped_steps": 10,
+       "peak_flops_per_device": 0.0, "tensorboard": True})
+  config.profile_steps = ""  # e.g. "10,15": trace steps 10-15 into seed/tensorboard/
+  config.dump_hlo = False
+  config.distributed = ml_collections.ConfigDict(
+      {"initialize": "auto", "coordinator_address": placeholder(str),
+       "num_processes": placeholder(int), "process_id": placeholder(int)})
   return config

@@ -89,10 +89,16 @@ def save_parts(directory: str | os.PathLike, model_config: ModelConfig, parts: I
       ocp.partial.save(tmp / PARAMS_DIR, part)
       del part
     ocp.partial.finalize(tmp / PARAMS_DIR)
-    record = {"format": FORMAT, "version": VERSION, "kind": kind,
-              "model": config_lib.to_dict(model_config), **(extra or {})}
-    (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(tmp, model_config, kind, extra)
   return pathlib.Path(directory).absolute()
+
+
+def write_record(directory: str | os.PathLike, model_config: ModelConfig, kind: str = "llama",
+                 extra: dict[str, Any] | None = None) -> None:
+  """Writes `directory/jbtx.json`: format, version, model kind and config, and `extra`."""
+  record = {"format": FORMAT, "version": VERSION, "kind": kind,
+            "model": config_lib.to_dict(model_config), **(extra or {})}
+  (pathlib.Path(directory) / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def read_record(directory: str | os.PathLike) -> dict[str, Any]:

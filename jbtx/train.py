@@ -2,10 +2,15 @@ r"""The jbtx command line: run an experiment's stages into a work directory.
 
     python -m jbtx.train --config=configs/btx.py [--workdir=DIR] [--config.KEY=VALUE ...]
 
-Stages are idempotent: each writes one jbtx checkpoint under the work directory, and
-a rerun skips stages whose checkpoint is complete. Implemented so far: `seed`, which
+Stages are idempotent: each publishes one jbtx checkpoint in `workdir/<stage>/`, a rerun
+skips stages whose checkpoint is complete, and an interrupted stage resumes from its
+latest checkpoint in `workdir/<stage>/checkpoints/`. SIGTERM or SIGINT stops training
+after saving such a checkpoint, with exit status 0. Implemented so far: `seed`, which
 trains the dense seed model (`config.model`) on the configured corpus. The branch,
 expert-training and mix stages of BTX build on this checkpoint.
+
+Multi-host: run the same command on every host; `config.distributed` (or the cluster
+environment) makes the processes join one JAX job (`jbtx.distributed`).
 """
 
 from __future__ import annotations
@@ -14,12 +19,13 @@ import json
 import pathlib
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jbtx import checkpoint
+from jbtx import checkpoint, distributed
 from jbtx.config import ConfigError, ExperimentConfig, from_mapping, to_dict
-from jbtx.training.loop import train_dense
+from jbtx.training.loop import Preempted, log, train_stage
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. configs/btx.py; override keys with --config.KEY=V.")
@@ -33,15 +39,16 @@ def default_workdir(config_path: str) -> pathlib.Path:
 
 def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
   """Runs every stage of the experiment that is not complete in `workdir`."""
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
   seed_dir = workdir / "seed"
   if (seed_dir / checkpoint.CONFIG_FILE).is_file():
     metrics = checkpoint.read_record(seed_dir).get("metrics", {})
     loss = metrics.get("validation", {}).get("loss")
-    print(f"[seed] already complete: {seed_dir} (validation loss {loss}); skipping")
+    log(f"[seed] already complete: {seed_dir} (validation loss {loss}); skipping")
   else:
-    train_dense(config, seed_dir, stage="seed")
+    train_stage(config, seed_dir, stage="seed")
 
 
 def main(argv: list[str]) -> None:
@@ -56,8 +63,15 @@ def main(argv: list[str]) -> None:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  distributed.initialize(config.distributed)
   workdir = pathlib.Path(_WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename))
-  run(config, workdir)
+  try:
+    run(config, workdir)
+  except Preempted as e:
+    log(str(e))
+  except ConfigError as e:  # A setting that only the devices or data can refute.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
+from jbtx.config.base import ConfigError
 from jbtx.config.base import require as _require
 from jbtx.config.data import DataConfig
+from jbtx.config.distributed import DistributedConfig
 from jbtx.config.model import ModelConfig
 from jbtx.config.optimizer import OptimizerConfig
 from jbtx.config.parallel import MeshConfig
-from jbtx.config.training import TrainConfig
+from jbtx.config.training import TrainConfig, profile_window
 
 BYTE_VOCAB_SIZE = 259  # jbtx.data.tokenizers.ByteTokenizer.vocab_size
 
@@ -24,8 +26,17 @@ class ExperimentConfig:
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+  profile_steps: str = ""  # "FIRST,LAST": trace these steps (jbtx.training.profiling)
+  dump_hlo: bool = False  # write the train step's HLO under <stage>/hlo/
 
   def __post_init__(self):
+    try:
+      window = profile_window(self.profile_steps)
+    except ValueError as e:
+      raise ConfigError("profile_steps", str(e)) from None
+    _require(window is None or window[1] <= self.train.steps, "profile_steps",
+             f"ends after train.steps ({self.train.steps}), got {self.profile_steps!r}")
     _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
              f"exceeds model.max_seq_len ({self.model.max_seq_len}), got {self.data.seq_len}")
     _require(self.data.tokenizer.type != "byte" or self.model.vocab_size >= BYTE_VOCAB_SIZE,

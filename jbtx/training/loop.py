@@ -1,108 +1,237 @@
-"""Training a dense decoder from scratch on the configured corpus (the seed stage)."""
+"""The resumable training loop of one stage.
+
+`train_stage(config, stage_dir, stage)` trains `config.model` from a random init (or
+from the latest resumable checkpoint under `stage_dir/checkpoints/`), then evaluates,
+samples, and publishes the stage's jbtx checkpoint in `stage_dir` (`jbtx.json` +
+`params/`). Side outputs of the stage directory:
+
+    checkpoints/<step>/   resumable Orbax checkpoints (`jbtx.training.checkpointing`)
+    tensorboard/          event files, and profiler traces under plugins/profile/
+    hlo/                  the train step's HLO when `dump_hlo` is set
+"""
 
 from __future__ import annotations
 
-import itertools
-import math
 import pathlib
-import time
+import shutil
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import tqdm
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from orbax.checkpoint import v1 as ocp_v1
 
 from jbtx import checkpoint, parallel
-from jbtx.config import ExperimentConfig
+from jbtx.config import ExperimentConfig, ModelConfig
+from jbtx.config.training import profile_window
 from jbtx.data import pipeline
-from jbtx.data.tokenizers import ByteTokenizer
-from jbtx.eval.generate import generate
 from jbtx.models.llama import Llama
-from jbtx.training.optimizer import learning_rate_schedule, make_optimizer
-from jbtx.training.step import init_train_state, make_eval_step, make_train_step
+from jbtx.training import metrics as metrics_lib
+from jbtx.training.checkpointing import TrainCheckpointer
+from jbtx.training.evaluation import evaluate, sample_text
+from jbtx.training.guards import SkipGuard, StopSignal
+from jbtx.training.optimizer import make_optimizer
+from jbtx.training.profiling import ProfileWindow, dump_hlo
+from jbtx.training.reporting import Reporter
+from jbtx.training.step import (
+    TrainState,
+    abstract_train_state,
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+)
+
+CHECKPOINTS_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+HLO_DIR = "hlo"
 
 
-def evaluate(model: Llama, params: Any, config: ExperimentConfig) -> dict[str, float]:
-  """Validation loss (nats/token), perplexity and bits per byte over `eval_batches`."""
-  tokenizer = ByteTokenizer()
-  batches = pipeline.document_batches(pipeline.documents(config.data, "validation"), tokenizer,
-                                      config.data.seq_len, config.data.batch_size, seed=None)
-  mesh = parallel.make_mesh(config.mesh)
-  eval_step = make_eval_step(model, mesh)
-  total = count = 0.0
-  for batch in itertools.islice(batches, config.train.eval_batches):
-    loss_sum, n = eval_step(params, parallel.global_batch(mesh, batch))
-    total, count = total + float(loss_sum), count + float(n)
-  if count == 0:
-    raise ValueError("the validation split yielded no full batch; lower data.batch_size "
-                     "or data.seq_len")
-  loss = total / count
-  return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": loss / math.log(2)}
+class Preempted(Exception):
+  """Training stopped on SIGTERM/SIGINT after checkpointing `step`; a rerun resumes."""
+
+  def __init__(self, stage: str, step: int):
+    super().__init__(f"[{stage}] stopped by signal after step {step}; checkpoint saved, "
+                     "rerun the same command to resume")
+    self.step = step
 
 
-def sample_text(model: Llama, params: Any, config: ExperimentConfig) -> str:
-  """A continuation of `train.sample_prompt` at `train.sample_temperature`."""
-  if config.train.sample_tokens == 0:
-    return ""
-  tokenizer = ByteTokenizer()
-  prompt = jnp.asarray(tokenizer.encode(config.train.sample_prompt))[None]
-  tokens = generate(model, params, prompt, config.train.sample_tokens,
-                    jax.random.key(config.seed), temperature=config.train.sample_temperature,
-                    top_p=0.95, eos_id=tokenizer.eos_id)
-  return tokenizer.decode(tokens[0])
+def log(message: str) -> None:
+  """Prints on process 0 only."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
 
 
-def train_dense(config: ExperimentConfig, output: pathlib.Path, stage: str) -> dict[str, Any]:
-  """Trains `config.model` from a random init and saves it as a jbtx checkpoint at `output`.
+def _abstract_batch(config: ExperimentConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  shape = (config.data.batch_size, config.data.seq_len)
+  sharding = parallel.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+          for k in ("tokens", "segment_ids", "positions")}
+
+
+def _rates(config: ExperimentConfig, summary: dict[str, Any]) -> dict[str, float | None]:
+  """tokens/s (all tokens of the batches) and MFU of a window summary."""
+  tokens = summary["steps"] * config.data.batch_size * config.data.seq_len
+  rate = tokens / summary["seconds"]
+  peak = metrics_lib.peak_flops(jax.devices()[0].device_kind,
+                                config.train.peak_flops_per_device)
+  flops = metrics_lib.train_flops_per_token(config.model, config.data.seq_len)
+  return {"tokens_per_second": rate,
+          "mfu": metrics_lib.mfu(rate, flops, jax.device_count(), peak)}
+
+
+def validate(config: ExperimentConfig, step: int, params: Any, data: Any, mesh: Mesh,
+             eval_step: Any, reporter: Reporter) -> dict[str, Any]:
+  """A validation pass during training; re-weights the data mixture if configured."""
+  result = evaluate(params, config, mesh, eval_step)
+  reporter.scalars("validation", step, {"loss": result["loss"]} | result["domains"])
+  line = " ".join(f"{d} {v:.3f}" for d, v in result["domains"].items())
+  reporter.write(f"[{reporter.stage}] step {step:5d}  validation loss {result['loss']:.4f}  "
+                 f"({line})")
+  if config.data.reweighting == "loss":
+    weights = data.update_weights(result["domains"])
+    reporter.scalars("data_weight", step, weights)
+    reporter.write(f"[{reporter.stage}] domain weights "
+                   + " ".join(f"{d} {w:.3f}" for d, w in weights.items()))
+  return result
+
+
+def run_steps(config: ExperimentConfig, stage_dir: pathlib.Path, stage: str, mesh: Mesh,
+              steps_fns: tuple[Any, Any], state: TrainState, data: Any,
+              checkpointer: TrainCheckpointer, record: dict[str, Any]) -> TrainState:
+  """Runs the steps after `state.step` up to `train.steps`, checkpointing and logging.
+
+  Args:
+    steps_fns: `(train_step, eval_step)` from `make_train_step` / `make_eval_step`.
+    data: the training iterator (`get_state`, `set_state`, `update_weights`).
+    record: JSON facts saved with every checkpoint.
+
+  Raises:
+    Preempted: after saving a checkpoint, when SIGTERM/SIGINT arrived.
+    FloatingPointError: after `train.max_skipped_steps` non-finite steps in a row.
+  """
+  train_step, eval_step = steps_fns
+  train, steps, start = config.train, config.train.steps, int(jax.device_get(state.step))
+  logdir = stage_dir / TENSORBOARD_DIR
+  profiler = ProfileWindow(profile_window(config.profile_steps), logdir)
+  reporter = Reporter(stage, steps, start, logdir if train.tensorboard else None)
+  guard = SkipGuard(train.max_skipped_steps, stage)
+  window = metrics_lib.MetricWindow()
+  pending = None  # The previous step's "skipped" flag, read once the next step is queued.
+  try:
+    with StopSignal() as stop:
+      for step in range(start + 1, steps + 1):
+        profiler.before_step(step)
+        state, metrics = train_step(state, parallel.global_batch(mesh, next(data)))
+        if profiler.after_step(step, metrics):
+          reporter.write(f"[{stage}] wrote a profile of steps {config.profile_steps} to {logdir}")
+        if pending is not None:
+          guard.update(pending[0], bool(pending[1]))
+        pending = (step, metrics["skipped"])
+        window.add(metrics)
+        reporter.advance()
+        if step % train.log_every == 0 or step == steps:
+          summary = window.summary()
+          reporter.train(step, summary, _rates(config, summary))
+        if train.eval_every and step % train.eval_every == 0 and step < steps:
+          validate(config, step, state.params, data, mesh, eval_step, reporter)
+        stopping = stop.requested()
+        if step % train.checkpoint_every == 0 or step == steps or stopping:
+          checkpointer.save(step, state, data.get_state(), record)
+        if stopping:
+          raise Preempted(stage, step)
+      if pending is not None:
+        guard.update(pending[0], bool(pending[1]))
+  finally:
+    profiler.stop(state)
+    reporter.close()
+  return state
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def publish(stage_dir: pathlib.Path, model_config: ModelConfig, params: Any,
+            extra: dict[str, Any]) -> None:
+  """Writes the stage's jbtx checkpoint (`jbtx.json`, `params/`) into `stage_dir`.
+
+  Every process writes the shards it holds of the (sharded) `params` into
+  `stage_dir/final.partial/params` (Orbax); then process 0 writes `jbtx.json` there,
+  moves `params/` into place and moves `jbtx.json`, which marks the stage complete, last.
+  An interrupted publish leaves no `jbtx.json`; the rerun resumes from the final
+  training checkpoint and publishes again.
+  """
+  staging = stage_dir / "final.partial"
+  if jax.process_index() == 0:
+    for stale in (staging, stage_dir / checkpoint.PARAMS_DIR):
+      if stale.exists():
+        shutil.rmtree(stale)
+  _sync(f"jbtx publish start {stage_dir}")
+  ocp_v1.partial.save(staging / checkpoint.PARAMS_DIR, params)
+  ocp_v1.partial.finalize(staging / checkpoint.PARAMS_DIR)
+  if jax.process_index() == 0:
+    checkpoint.write_record(staging, model_config, extra=extra)
+    (staging / checkpoint.PARAMS_DIR).rename(stage_dir / checkpoint.PARAMS_DIR)
+    (staging / checkpoint.CONFIG_FILE).rename(stage_dir / checkpoint.CONFIG_FILE)
+    staging.rmdir()
+  _sync(f"jbtx publish end {stage_dir}")
+
+
+def _start(config: ExperimentConfig, stage: str, model: Llama, optimizer: Any, mesh: Mesh,
+           eval_step: Any, data: Any,
+           checkpointer: TrainCheckpointer) -> tuple[TrainState, dict[str, Any]]:
+  """The train state and checkpoint record to continue from: restored, or fresh."""
+  restored = checkpointer.restore_latest(abstract_train_state(model, optimizer, mesh))
+  if restored is not None:
+    log(f"[{stage}] resuming from step {restored.step} "
+        f"({checkpointer.directory / str(restored.step)})")
+    data.set_state(restored.data_state)
+    return restored.state, restored.record
+  log(f"[{stage}] {config.model.num_params() / 1e6:.2f}M parameters, "
+      f"{config.train.steps} steps of {config.data.batch_size}x{config.data.seq_len} "
+      f"tokens on {jax.device_count()} devices, mesh {dict(mesh.shape)}")
+  state = init_train_state(model, optimizer, config.seed, mesh)
+  return state, {"validation_before": evaluate(state.params, config, mesh, eval_step)}
+
+
+def train_stage(config: ExperimentConfig, stage_dir: pathlib.Path,
+                stage: str) -> dict[str, Any]:
+  """Trains `config.model` (resuming if possible) and publishes it as a jbtx checkpoint.
 
   Returns the metrics that are also recorded in the checkpoint's `jbtx.json`.
   """
   model = Llama(config.model)
-  steps = config.train.steps
-  optimizer = make_optimizer(config.optimizer, steps)
-  schedule = learning_rate_schedule(config.optimizer, steps)
   mesh = parallel.make_mesh(config.mesh)
-  state = init_train_state(model, optimizer, config.seed, mesh)
-  train_step = make_train_step(model, optimizer, mesh, config.optimizer.grad_accum_steps)
-  batches = pipeline.document_batches(pipeline.documents(config.data, "train"), ByteTokenizer(),
-                                      config.data.seq_len, config.data.batch_size,
-                                      seed=config.seed)
-  print(f"[{stage}] {config.model.num_params() / 1e6:.2f}M parameters, {steps} steps of "
-        f"{config.data.batch_size}x{config.data.seq_len} tokens")
-  initial = evaluate(model, state.params, config)
-  window: list[dict[str, jax.Array]] = []
-  window_start = time.perf_counter()
-  with tqdm.tqdm(total=steps, desc=stage, unit="step", dynamic_ncols=True) as bar:
-    for step in range(1, steps + 1):
-      state, metrics = train_step(state, parallel.global_batch(mesh, next(batches)))
-      window.append(metrics)
-      bar.update()
-      if step % config.train.log_every == 0 or step == steps:
-        mean = {k: float(np.mean([m[k] for m in jax.device_get(window)]))
-                for k in ("loss", "aux_loss", "grad_norm")}
-        if not np.isfinite(mean["loss"]):
-          raise FloatingPointError(f"[{stage}] loss is {mean['loss']} at step {step}; "
-                                   "lower optimizer.learning_rate")
-        rate = len(window) * config.data.batch_size * config.data.seq_len / (
-            time.perf_counter() - window_start)
-        aux = ""
-        if config.model.moe:  # Expert load range over layers and experts (balanced: 1/E).
-          load = np.mean([m["expert_load"] for m in jax.device_get(window)], axis=0)
-          aux = (f"aux {mean['aux_loss']:.4f}  expert load {load.min():.3f}-"
-                 f"{load.max():.3f}  ")
-        bar.write(f"[{stage}] step {step:5d}  loss {mean['loss']:.4f}  {aux}"
-                  f"grad_norm {mean['grad_norm']:.3f}  lr {float(schedule(step - 1)):.2e}  "
-                  f"{rate:,.0f} tokens/s")
-        window, window_start = [], time.perf_counter()
-  final = evaluate(model, state.params, config)
+  optimizer = make_optimizer(config.optimizer, config.train.steps)
+  eval_step = make_eval_step(model, mesh)
+  data = pipeline.train_iterator(config.data, seed=config.seed,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+  checkpointer = TrainCheckpointer(stage_dir / CHECKPOINTS_DIR, config.train)
+  try:
+    state, record = _start(config, stage, model, optimizer, mesh, eval_step, data,
+                           checkpointer)
+    train_step = make_train_step(model, optimizer, mesh, config.optimizer.grad_accum_steps)
+    if config.dump_hlo:
+      paths = dump_hlo(train_step, (state, _abstract_batch(config, mesh)),
+                       stage_dir / HLO_DIR, "train_step")
+      log(f"[{stage}] wrote {', '.join(map(str, paths))}")
+    state = run_steps(config, stage_dir, stage, mesh, (train_step, eval_step), state, data,
+                      checkpointer, record)
+  finally:
+    data.close()
+    checkpointer.close()
+  initial = record["validation_before"]
+  final = evaluate(state.params, config, mesh, eval_step)
   sample = sample_text(model, state.params, config)
-  result = {"steps": steps, "validation_before": initial, "validation": final,
+  result = {"steps": config.train.steps, "validation_before": initial, "validation": final,
             "sample": sample}
-  print(f"[{stage}] validation loss {initial['loss']:.3f} -> {final['loss']:.3f} nats/byte "
-        f"({final['bits_per_byte']:.3f} bits/byte, perplexity {final['perplexity']:.2f})")
-  print(f"[{stage}] sample: {sample!r}")
-  checkpoint.save(output, config.model, jax.device_get(state.params),
-                  extra={"stage": stage, "metrics": result})
-  print(f"[{stage}] wrote {output}")
+  log(f"[{stage}] validation loss {initial['loss']:.3f} -> {final['loss']:.3f} nats/token "
+      f"({final['bits_per_token']:.3f} bits/token, perplexity {final['perplexity']:.2f}); "
+      + ", ".join(f"{d} {v:.3f}" for d, v in final["domains"].items()))
+  log(f"[{stage}] sample: {sample!r}")
+  publish(stage_dir, config.model, state.params, {"stage": stage, "metrics": result})
+  log(f"[{stage}] wrote {stage_dir}")
   return result

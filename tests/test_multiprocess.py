@@ -1,0 +1,45 @@
+"""Two processes on localhost (`jax.distributed`, gloo CPU collectives, 2 devices each)
+train together and agree with one process on 4 devices."""
+
+import socket
+import subprocess
+
+import jax
+import numpy as np
+
+from tests.training_runs import (
+    final_params,
+    run_env,  # noqa: F401 (fixture)
+    train_command,
+    uninterrupted_params,  # noqa: F401 (fixture)
+)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path, run_env, uninterrupted_params):  # noqa: F811
+  env = run_env | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  address = f"localhost:{_free_port()}"
+  processes = [
+      subprocess.Popen(
+          train_command(tmp_path, f"--config.distributed.coordinator_address={address}",
+                        "--config.distributed.num_processes=2",
+                        f"--config.distributed.process_id={i}"),
+          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  for p, output in zip(processes, outputs, strict=True):
+    assert p.returncode == 0, output
+  assert "on 4 devices" in outputs[0] and "[seed] step    40" in outputs[0]
+  assert "[seed] step" not in outputs[1]  # Only process 0 reports.
+  assert sorted(p.name for p in (tmp_path / "seed" / "checkpoints" / "40" / "data").iterdir()
+                if p.suffix == ".json") == ["process_0-of-2.json", "process_1-of-2.json"]
+
+  # Same batches and steps; only the order of the cross-process gradient sums differs.
+  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
+                       final_params(tmp_path), uninterrupted_params)
+  assert max(jax.tree.leaves(diffs)) < 1e-5, diffs  # Measured: 7e-7 after 40 steps.

@@ -1,0 +1,111 @@
+"""Resumable training: kill -9, torn checkpoint writes, SIGTERM, and runs of skipped steps."""
+
+import shutil
+import signal
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import btx
+from jbtx import checkpoint, parallel
+from jbtx.config import ExperimentConfig, from_mapping
+from jbtx.training.checkpointing import TrainCheckpointer
+from jbtx.training.loop import run_steps
+from jbtx.training.step import TrainState
+from tests.training_runs import (
+    STEPS,
+    final_params,
+    run_env,  # noqa: F401 (fixture)
+    train,
+    train_command,
+    uninterrupted_params,  # noqa: F401 (fixture)
+)
+
+
+def _complete_steps(directory):
+  """Steps Orbax lists as complete: directories named by the step alone."""
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def _start_and_wait_for_checkpoint(workdir, env, after):
+  """Starts a run; returns it once a complete checkpoint newer than step `after` exists."""
+  process = subprocess.Popen(train_command(workdir), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env)
+  directory = workdir / "seed" / "checkpoints"
+  deadline = time.monotonic() + 300
+  while not [s for s in _complete_steps(directory) if s > after]:
+    if process.poll() is not None or time.monotonic() > deadline:
+      process.kill()
+      pytest.fail(f"no checkpoint after step {after}:\n{process.communicate()[0]}")
+    time.sleep(0.01)
+  return process
+
+
+def test_kill9_torn_write_and_sigterm_resume_to_the_uninterrupted_result(
+    tmp_path, run_env, uninterrupted_params):  # noqa: F811 (fixtures)
+  checkpoints = tmp_path / "seed" / "checkpoints"
+  process = _start_and_wait_for_checkpoint(tmp_path, run_env, after=0)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  survived = _complete_steps(checkpoints)
+  assert 0 < survived[-1] < STEPS and not (tmp_path / "seed" / checkpoint.CONFIG_FILE).exists()
+
+  # A save killed midway, as Orbax leaves it: the step under its temporary name, with
+  # only part of its files. It is newer than every complete step and must be ignored.
+  torn = checkpoints / f"{STEPS - 1}.orbax-checkpoint-tmp-1700000000000000"
+  shutil.copytree(checkpoints / str(survived[-1]), torn, dirs_exist_ok=True)
+  shutil.rmtree(torn / "state")
+
+  process = _start_and_wait_for_checkpoint(tmp_path, run_env, after=survived[-1])
+  process.send_signal(signal.SIGTERM)
+  output = process.communicate(timeout=300)[0]
+  assert process.returncode == 0, output
+  assert f"resuming from step {survived[-1]} " in output
+  assert not torn.exists()  # Deleted at start-up, never restored.
+  stopped = _complete_steps(checkpoints)[-1]
+  assert survived[-1] < stopped < STEPS
+  assert f"stopped by signal after step {stopped};" in output
+
+  result = train(tmp_path, run_env)
+  assert result.returncode == 0, result.stderr
+  assert f"resuming from step {stopped} " in result.stdout
+  equal = jax.tree.map(np.array_equal, final_params(tmp_path), uninterrupted_params)
+  assert all(jax.tree.leaves(equal)), equal  # Bitwise, on CPU.
+
+
+class _Batches:
+  """Training batches `[8, 8]` of ones, with the iterator's state interface."""
+
+  def __next__(self):
+    return {k: np.ones((8, 8), np.int32) for k in ("tokens", "segment_ids", "positions")}
+
+  def get_state(self):
+    return {}
+
+
+def test_consecutive_skipped_steps_stop_the_loop_with_a_clear_error(tmp_path):
+  config = btx.get_config()
+  config.train.update(steps=20, max_skipped_steps=3, tensorboard=False, log_every=50)
+  config.data.update(batch_size=8, seq_len=8)
+  config = from_mapping(ExperimentConfig, config)
+  skipped = [0, 1, 1, 0, 1, 1, 1, 0]  # Step 7 ends the first run of three.
+  ran = []
+
+  def train_step(state, batch):  # Stands in for make_train_step's jit'd step.
+    ran.append(int(state.step) + 1)
+    return state.replace(step=state.step + 1), {"skipped": jnp.int32(skipped[int(state.step)])}
+
+  state = TrainState(jnp.zeros((), jnp.int32), {}, (), jax.random.key(0))
+  checkpointer = TrainCheckpointer(tmp_path, config.train)
+  with pytest.raises(FloatingPointError, match=r"3 consecutive steps up to step 7 .*"
+                     r"'train.max_skipped_steps' = 3.*stay as after step 4"):
+    run_steps(config, tmp_path, "test", parallel.make_mesh(config.mesh), (train_step, None),
+              state, _Batches(), checkpointer, {})
+  checkpointer.close()
+  assert ran == list(range(1, 9))  # The check lags one step behind the queued step.

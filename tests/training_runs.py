@@ -1,0 +1,59 @@
+"""Training runs as `python -m jbtx.train` subprocesses, shared by the resume and
+multi-process tests.
+
+Runs use 4 simulated CPU devices per process and share a persistent compilation cache,
+so only the first run of a program compiles it. `uninterrupted_params` is the reference:
+the final parameters of one uninterrupted run, made once per test session (its work
+directory is found again by name, since each module importing the fixture gets its own
+instance of it).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jbtx import checkpoint
+
+STEPS = 40
+DEVICES = 4
+ARGS = (f"--config.train.steps={STEPS}", "--config.train.log_every=5",
+        "--config.train.checkpoint_every=5", "--config.train.eval_batches=1",
+        "--config.train.sample_tokens=0", "--config.optimizer.warmup_steps=2",
+        "--config.data.batch_size=4", "--config.data.seq_len=32", "--config.model.n_layers=2")
+
+
+@pytest.fixture(scope="session")
+def run_env(tmp_path_factory):
+  """Environment of the subprocesses (devices per process, compilation cache)."""
+  cache = tmp_path_factory.getbasetemp() / "jax_cache"
+  return os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
+                       "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
+                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def train_command(workdir, *extra) -> list[str]:
+  return [sys.executable, "-m", "jbtx.train", "--config=configs/btx.py",
+          f"--workdir={workdir}", *ARGS, *extra]
+
+
+def train(workdir, env, *extra) -> subprocess.CompletedProcess:
+  return subprocess.run(train_command(workdir, *extra), capture_output=True, text=True,
+                        env=env, timeout=600)
+
+
+def final_params(workdir):
+  """The stage's published parameters as numpy arrays."""
+  return checkpoint.load_params(workdir / "seed", as_numpy=True)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_params(tmp_path_factory, run_env):
+  workdir = tmp_path_factory.getbasetemp() / "uninterrupted"
+  if not (workdir / "seed" / checkpoint.CONFIG_FILE).exists():
+    result = train(workdir, run_env)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" not in result.stdout
+  return final_params(workdir)
