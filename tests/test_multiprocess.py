@@ -12,6 +12,7 @@ from tests.training_runs import (
     run_env,  # noqa: F401 (fixture)
     train_command,
     uninterrupted_params,  # noqa: F401 (fixture)
+    uninterrupted_run,  # noqa: F401 (fixture)
 )
 
 

@@ -23,6 +23,7 @@ from tests.training_runs import (
     train,
     train_command,
     uninterrupted_params,  # noqa: F401 (fixture)
+    uninterrupted_run,  # noqa: F401 (fixture)
 )
 
 
@@ -77,6 +78,22 @@ def test_kill9_torn_write_and_sigterm_resume_to_the_uninterrupted_result(
   assert f"resuming from step {stopped} " in result.stdout
   equal = jax.tree.map(np.array_equal, final_params(tmp_path), uninterrupted_params)
   assert all(jax.tree.leaves(equal)), equal  # Bitwise, on CPU.
+
+
+def test_a_run_logs_to_tensorboard_profiles_and_dumps_hlo(uninterrupted_run):  # noqa: F811
+  seed = uninterrupted_run / "seed"
+  output = (uninterrupted_run / "output.txt").read_text()
+  assert "resuming" not in output and "MFU n/a" in output  # No peak FLOP/s known for CPU.
+  assert "wrote a profile of steps 3,4" in output
+  events = b"".join(p.read_bytes() for p in (seed / "tensorboard").glob("events.out.tfevents.*"))
+  for tag in ("train/loss", "train/grad_norm", "train/learning_rate", "train/tokens_per_second"):
+    assert tag.encode() in events
+  (trace,) = (seed / "tensorboard" / "plugins" / "profile").iterdir()
+  assert list(trace.glob("*.xplane.pb")) and list(trace.glob("*.trace.json.gz"))
+  assert "HloModule" in (seed / "hlo" / "train_step.hlo.txt").read_text()
+  assert "stablehlo" in (seed / "hlo" / "train_step.stablehlo.txt").read_text()
+  steps = sorted(int(p.name) for p in (seed / "checkpoints").iterdir())
+  assert steps == [STEPS - 5, STEPS]  # train.keep_last = 2
 
 
 class _Batches:

@@ -2,10 +2,9 @@
 multi-process tests.
 
 Runs use 4 simulated CPU devices per process and share a persistent compilation cache,
-so only the first run of a program compiles it. `uninterrupted_params` is the reference:
-the final parameters of one uninterrupted run, made once per test session (its work
-directory is found again by name, since each module importing the fixture gets its own
-instance of it).
+so only the first run of a program compiles it. `uninterrupted_run` is the reference,
+made once per test session (its work directory is found again by name, since each
+module importing the fixture gets its own instance of it).
 """
 
 import os
@@ -50,10 +49,17 @@ def final_params(workdir):
 
 
 @pytest.fixture(scope="session")
-def uninterrupted_params(tmp_path_factory, run_env):
+def uninterrupted_run(tmp_path_factory, run_env):
+  """Work directory of an uninterrupted run (also profiling steps 3-4 and dumping HLO,
+  which change no number); its console output is in `output.txt` there."""
   workdir = tmp_path_factory.getbasetemp() / "uninterrupted"
   if not (workdir / "seed" / checkpoint.CONFIG_FILE).exists():
-    result = train(workdir, run_env)
+    result = train(workdir, run_env, "--config.profile_steps=3,4", "--config.dump_hlo=True")
     assert result.returncode == 0, result.stderr
-    assert "resuming" not in result.stdout
-  return final_params(workdir)
+    (workdir / "output.txt").write_text(result.stdout + result.stderr)
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_params(uninterrupted_run):
+  return final_params(uninterrupted_run)
