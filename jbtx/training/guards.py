@@ -17,8 +17,8 @@ class StopSignal:
 
   The first signal only sets a flag that `requested` reports after the current step;
   a second one interrupts at once (KeyboardInterrupt). With several processes,
-  `requested` is true on all of them as soon as any one was signalled, so they stop at
-  the same step.
+  `requested` is a collective call, true on all of them once any one was signalled, so
+  they stop at the same step.
   """
 
   def __init__(self):

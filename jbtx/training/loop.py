@@ -135,7 +135,10 @@ def run_steps(config: ExperimentConfig, stage_dir: pathlib.Path, stage: str, mes
           reporter.train(step, summary, _rates(config, summary))
         if train.eval_every and step % train.eval_every == 0 and step < steps:
           validate(config, step, state.params, data, mesh, eval_step, reporter)
-        stopping = stop.requested()
+        # With several processes the stop flag is agreed on by a collective, which waits
+        # for the step to finish; do that only on log steps to keep dispatch ahead.
+        stopping = ((jax.process_count() == 1 or step % train.log_every == 0)
+                    and stop.requested())
         if step % train.checkpoint_every == 0 or step == steps or stopping:
           checkpointer.save(step, state, data.get_state(), record)
         if stopping:
