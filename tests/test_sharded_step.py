@@ -63,20 +63,21 @@ def _batch(rows=8, seq=16, seed=0):
 
 @functools.cache
 def _compiled_step(name, shape, accum=1):
-  """The train step of `name` on a mesh of `shape` (one device for `()`), compiled."""
+  """The mesh of `shape` (one device for `()`), the train step of `name` compiled for
+  it, and the step's StableHLO before partitioning (explicit collectives only)."""
   model, optimizer = _setup(name)
   mesh = parallel.make_mesh(MeshConfig(*shape), jax.devices()[:1] if not shape else None)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parallel.batch_sharding(mesh))
            for k, v in _batch().items()}
-  step = make_train_step(model, optimizer, mesh, accum)
-  return mesh, step.lower(abstract_train_state(model, optimizer, mesh), batch).compile(
-      FAST_COMPILE)
+  lowered = make_train_step(model, optimizer, mesh, accum).lower(
+      abstract_train_state(model, optimizer, mesh), batch)
+  return mesh, lowered.compile(FAST_COMPILE), lowered.as_text()
 
 
 def _run(name, shape, state, batch, accum=1):
   """One step from `state` (numpy) on `batch`; returns the new state and metrics as numpy."""
   model, optimizer = _setup(name)
-  mesh, step = _compiled_step(name, shape, accum)
+  mesh, step, _ = _compiled_step(name, shape, accum)
   state = jax.device_put(state, train_state_shardings(model, optimizer, mesh))
   new_state, metrics = step(state, parallel.global_batch(mesh, batch))
   return jax.device_get(new_state), jax.device_get(metrics)
@@ -112,6 +113,8 @@ def test_sharded_step_equals_one_device(shape):
   _assert_same_step(new_state, metrics, ref_state, ref_metrics)
   assert ref_metrics["aux_loss"] > 0 and ref_metrics["expert_load"].shape == (1, 4)
   np.testing.assert_allclose(metrics["expert_load"], ref_metrics["expert_load"], atol=1e-6)
+  expert_parallel = "all_to_all" in _compiled_step("mixed", shape)[2]
+  assert expert_parallel == (shape[2] > 1)  # the MoE layer exchanges tokens over "expert"
 
 
 def test_init_is_born_sharded_and_mesh_independent():

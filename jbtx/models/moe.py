@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jbtx.config import ModelConfig
-from jbtx.models import dispatch, routing
+from jbtx.models import dispatch, expert_parallel, routing
 from jbtx.models.layers import MLP, dtype_of, kernel_init
 
 
@@ -109,6 +109,10 @@ class MoE(nn.Module):
   def _dispatch(self, tokens, choice, experts) -> tuple[jax.Array, jax.Array]:
     path = dispatch_path(self.config)
     no_drops = jnp.zeros((), jnp.float32)
+    n_experts = self.config.moe.n_experts
+    if path in ("dropless", "blocked") and expert_parallel.applies(n_experts, len(tokens)):
+      local = dispatch.dropless if path == "dropless" else dispatch.blocked
+      return expert_parallel.dispatch(tokens, choice, experts, local), no_drops
     if path == "dropless":
       return dispatch.dropless(tokens, choice, experts), no_drops
     if path == "blocked":

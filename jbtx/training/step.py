@@ -73,11 +73,16 @@ def next_token_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Arr
   return total / jnp.maximum(count, 1), count
 
 
-def _forward(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None = None):
-  """Logits and the per-layer MoE statistics (empty for a dense model)."""
+def _forward(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None = None,
+             step: jax.Array | None = None):
+  """Logits and the per-layer MoE statistics (empty for a dense model).
+
+  `step` (the training step) drives schedules inside the model, e.g. the annealed
+  Gumbel temperature of "sample_top1" routing.
+  """
   logits, state = model.apply(
       {"params": params}, batch["tokens"], positions=batch["positions"],
-      segment_ids=batch["segment_ids"], mutable=["intermediates"],
+      segment_ids=batch["segment_ids"], step=step, mutable=["intermediates"],
       rngs={"router": rng} if rng is not None else None)
   return logits, collect_moe_stats(state.get("intermediates", {}))
 
@@ -189,19 +194,19 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
   shardings = train_state_shardings(model, optimizer, mesh)
   n = grad_accum_steps
 
-  def micro_loss(params, micro, rng, total):
-    logits, stats = _forward(train_model, params, micro, rng)
+  def micro_loss(params, micro, rng, step, total):
+    logits, stats = _forward(train_model, params, micro, rng, step)
     ce_sum, count = token_losses(logits, micro)
     aux = aux_loss(stats, model.config)
     return ce_sum / total + aux / n, (ce_sum, aux, count, stats)
 
-  def gradients(params, batch, rng):
+  def gradients(params, batch, rng, step):
     total = jnp.maximum(jnp.sum(_valid_targets(batch["segment_ids"])), 1)
     grad_fn = jax.grad(micro_loss, has_aux=True)
 
     def accumulate(acc, micro):
       index, micro_batch = micro
-      grads, out = grad_fn(params, micro_batch, jax.random.fold_in(rng, index), total)
+      grads, out = grad_fn(params, micro_batch, jax.random.fold_in(rng, index), step, total)
       return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads), out
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -215,7 +220,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
   def train_step(state: TrainState, batch: Batch):
     with parallel.sharding_rules(mesh):
       rng = jax.random.fold_in(state.rng, state.step)
-      grads, ce, aux, count, stats = gradients(state.params, batch, rng)
+      grads, ce, aux, count, stats = gradients(state.params, batch, rng, state.step)
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(ce) & jnp.isfinite(aux) & _all_finite(grads)
