@@ -17,12 +17,14 @@ Same hyper-parameters (lr 1e-3, betas 0.9/0.95, weight decay 0.1). Each side run
 `--warmup` steps (jbtx: compilation); then the `--steps` timed steps alternate between
 the two, so both see the same machine load, and tokens/s is taken from each side's
 median step time (jbtx waits for every step's result). Prints both and their ratio
-(target >= 1.5).
+(target >= 1.5). On a machine busy with other work, multi-threaded PyTorch can stall
+far more than XLA; `--threads=1` runs both on one thread for a steadier comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -108,7 +110,13 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--dispatch", default="auto", help="jbtx MoE dispatch path")
+  parser.add_argument("--threads", type=int, default=0,
+                      help="1: both single-threaded (steadier on a busy machine); 0: defaults")
   args = parser.parse_args()
+  if args.threads == 1:  # Before JAX starts its CPU backend.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                               "false intra_op_parallelism_threads=1").strip()
+    torch.set_num_threads(1)
   tokens = np.random.default_rng(0).integers(0, SHAPE["vocab_size"], (args.batch, args.seq),
                                              dtype=np.int32)
   print(f"model {SHAPE}, batch {args.batch}x{args.seq}, {args.steps} timed steps each, "
