@@ -41,8 +41,8 @@ def dispatch_path(config: ModelConfig) -> str:
   the fastest. `benchmarks/moe_layer.py` on a 2-core CPU, float32, 8192 tokens,
   d_model 512, fwd+bwd time over a dense SwiGLU of width k·d_ff (noise ~±0.1):
 
-      E=8,  k=2, d_ff=1408: blocked 1.07  dropless 8.8  capacity 2.2  dense 3.9
-      E=64, k=8, d_ff=176:  blocked 1.45  dropless OOM (35 GB)  capacity 6.8  dense 7.5
+      E=8,  k=2, d_ff=1408: blocked 1.07  dropless 8.1  capacity 2.2  dense 4.3
+      E=64, k=8, d_ff=176:  blocked 1.42  dropless ~14 GB of masks  capacity 6.4  dense 7.0
 
   (GPU and TPU not measured.)
   """
