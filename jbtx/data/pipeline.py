@@ -17,7 +17,6 @@ dict. Restoring it continues the exact same token stream.
 from __future__ import annotations
 
 import copy
-import itertools
 import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -300,23 +299,3 @@ def eval_tasks(config: DataConfig, domain: str, split: str) -> list[dict[str, st
                      f"domains {', '.join(demo.TASK_DOMAINS)} only")
   return demo.tasks(spec.name, split, demo.data_dir(config.data_dir))
 
-
-def documents(config: DataConfig, split: str) -> list[str]:
-  """Texts of `split` of all configured domains, back to back."""
-  return [s[i] for n in config.domains for s in [open_source(config, n, split)]
-          for i in range(len(s))]
-
-
-def document_batches(texts: Sequence[str], tokenizer: Tokenizer, seq_len: int,
-                     batch_size: int, seed: int | None) -> Iterator[Batch]:
-  """Packed batches `{"tokens", "segment_ids", "positions"}`, each int32 `[batch, seq_len]`.
-
-  With a `seed`, documents are reshuffled every epoch and batches repeat forever; with
-  None, one pass in order (for evaluation).
-  """
-  epochs = itertools.count() if seed is not None else [None]
-  for epoch in epochs:
-    order = (np.random.default_rng([seed, epoch]).permutation(len(texts))
-             if seed is not None else range(len(texts)))
-    docs = (tokenizer.encode(texts[i], add_bos=True, add_eos=True) for i in order)
-    yield from packing.batches(packing.pack(docs, seq_len, tokenizer.pad_id), batch_size)
