@@ -25,6 +25,7 @@ from ml_collections import config_flags
 
 from jbtx import checkpoint, distributed
 from jbtx.config import ConfigError, ExperimentConfig, from_mapping, to_dict
+from jbtx.data import pipeline
 from jbtx.training.loop import Preempted, log, train_stage
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -37,8 +38,19 @@ def default_workdir(config_path: str) -> pathlib.Path:
   return pathlib.Path("runs") / pathlib.Path(config_path).stem
 
 
+def check_vocabulary(config: ExperimentConfig) -> None:
+  """Raises ConfigError if the tokenizer has more ids than the model has embeddings."""
+  vocab_size = pipeline.make_tokenizer(config.data).vocab_size
+  if vocab_size > config.model.vocab_size:
+    tokenizer = config.data.tokenizer
+    raise ConfigError("model.vocab_size",
+                      f"the {tokenizer.type} tokenizer {tokenizer.path} has {vocab_size} "
+                      f"ids, more than the model's {config.model.vocab_size}")
+
+
 def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
   """Runs every stage of the experiment that is not complete in `workdir`."""
+  check_vocabulary(config)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")

@@ -98,3 +98,15 @@ def test_a_file_that_is_not_a_tokenizer(tmp_path, kind, name, fragment):
   assert str(path) in str(info.value)
   with pytest.raises(FileNotFoundError, match=r"data.tokenizer.path"):
     tokenizers.make(TokenizerConfig(type=kind, path=str(tmp_path / "absent")))
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_a_config_error(huggingface_json):
+  from jbtx.config import ConfigError, ExperimentConfig
+  from jbtx.models import presets
+  from jbtx.train import check_vocabulary
+
+  config = from_mapping(ExperimentConfig, {
+      "model": presets.config_dict("micro", max_seq_len=256),
+      "data": {"tokenizer": {"type": "huggingface", "path": str(huggingface_json)}}})
+  with pytest.raises(ConfigError, match=r"model\.vocab_size.*300 ids, more than the model's 97"):
+    check_vocabulary(config)
