@@ -17,7 +17,10 @@ see the same machine load; a path's ratio is the median of its times over the me
 of the baseline times interleaved with it. A path stops repeating once it has used
 `--max-seconds` (after at least one timed call). "*" marks the path that
 `dispatch="auto"` resolves to. The target is a ratio <= 1.3 for that path; ideal is
-1.0, and dense (every expert on every token) costs about E/k.
+1.0, and dense (every expert on every token) costs about E/k. A last row,
+"(balanced)", times E batched expert SwiGLUs of exactly T·k/E rows each (no routing,
+no gather or scatter): what the backend's matmuls cost at the experts' shapes, a floor
+no exact path can beat by much.
 
 Active FLOPs of forward+backward, used for TFLOP/s: 6 · tokens · d_model · 3·k·d_ff
 (three matmuls of 2 · tokens · d_model · k·d_ff forward, twice that backward). The
@@ -60,6 +63,17 @@ def _cpu_ragged_dot_gigabytes(rows: int, n_experts: int, d: int, f: int, dtype) 
   if jax.default_backend() != "cpu":
     return 0.0
   return n_experts * rows * (2 * f + d) * jnp.dtype(dtype).itemsize / 1e9
+
+
+def _interleaved(step: Callable, step_args: tuple, baseline: Callable, baseline_args: tuple,
+                 args: argparse.Namespace) -> tuple[float, float, int]:
+  """Median seconds of `step` and of `baseline`, timed alternately, and the run count."""
+  step_times, base_times = [], []
+  while len(step_times) < args.repeats and (not step_times
+                                            or sum(step_times) < args.max_seconds):
+    base_times.append(_timed(baseline, baseline_args))
+    step_times.append(_timed(step, step_args))
+  return statistics.median(step_times), statistics.median(base_times), len(step_times)
 
 
 def _layer(path: str, config: MoEConfig, capacity_group_size: int) -> Callable:
@@ -128,13 +142,9 @@ def run_config(name: str, sizes: dict, args: argparse.Namespace) -> None:
       print(f"{label:<12}{'-':>10}{'-':>14}{'-':>8}{'-':>9}  failed: "
             f"{str(error).splitlines()[0][:100]}")
       continue
-    path_times, base_times = [], []
-    while len(path_times) < args.repeats and (not path_times
-                                              or sum(path_times) < args.max_seconds):
-      base_times.append(_timed(baseline, baseline_args))
-      path_times.append(_timed(step, (x, router, experts)))
-    seconds, base = statistics.median(path_times), statistics.median(base_times)
-    notes = [f"{len(path_times)} runs"]
+    seconds, base, runs = _interleaved(step, (x, router, experts), baseline, baseline_args,
+                                       args)
+    notes = [f"{runs} runs"]
     if path == default:
       notes.append('default ("auto")')
     if path == "capacity":
@@ -143,6 +153,23 @@ def run_config(name: str, sizes: dict, args: argparse.Namespace) -> None:
                    f"dropped {100 * float(dropped):.2f}%")
     print(f"{label:<12}{seconds:>10.3f}{base:>14.3f}{seconds / base:>8.2f}"
           f"{flops / seconds / 1e12:>9.3f}  {', '.join(notes)}")
+
+  # What the backend's matmuls alone cost at the experts' shapes: E batched SwiGLUs of
+  # exactly T·k/E rows each (perfect balance, no routing, no gather or scatter).
+  rows = tokens * k // n_experts
+  grouped_x = _normal(keys[0], (n_experts, rows, d), dtype, 1)
+
+  def grouped_loss(xs, gate, up, down):
+    h = jax.nn.silu(jnp.einsum("erd,edf->erf", xs, gate)) * jnp.einsum("erd,edf->erf", xs, up)
+    return jnp.sum(jnp.einsum("erf,efd->erd", h, down).astype(jnp.float32))
+
+  grouped = jax.jit(jax.value_and_grad(grouped_loss, argnums=(0, 1, 2, 3)))
+  grouped_args = (grouped_x, *experts)
+  jax.block_until_ready(grouped(*grouped_args))
+  seconds, base, runs = _interleaved(grouped, grouped_args, baseline, baseline_args, args)
+  print(f"{'(balanced)':<12}{seconds:>10.3f}{base:>14.3f}{seconds / base:>8.2f}"
+        f"{flops / seconds / 1e12:>9.3f}  {runs} runs, reference: {n_experts} batched "
+        f"expert SwiGLUs of {rows} rows each, no routing (a floor for exact paths)")
 
 
 def main() -> None:
