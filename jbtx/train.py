@@ -76,7 +76,8 @@ def main(argv: list[str]) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   distributed.initialize(config.distributed)
-  workdir = pathlib.Path(_WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename))
+  workdir = pathlib.Path(_WORKDIR.value
+                         or default_workdir(flags.FLAGS["config"].config_filename)).absolute()
   try:
     run(config, workdir)
   except Preempted as e:

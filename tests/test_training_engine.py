@@ -1,6 +1,8 @@
 """Pure pieces of the training engine: FLOPs and MFU, config checks, cluster detection,
 log lines, and the checkpoint manager's retention and per-process data state."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,3 +88,19 @@ def test_checkpointer_keeps_latest_and_every_kth_and_restores_data_state(tmp_pat
   np.testing.assert_array_equal(restored.state["w"], state["w"])
   assert (jax.random.key_data(restored.state["rng"]) == jax.random.key_data(state["rng"])).all()
   assert TrainCheckpointer(tmp_path / "empty", TrainConfig()).restore_latest(abstract) is None
+
+
+def test_publish_into_a_relative_stage_directory(tmp_path, monkeypatch):
+  """The default work directory, runs/<config>, is relative; Orbax needs absolute paths."""
+  import jbtx
+  from jbtx.models.llama import Llama, init_params
+  from jbtx.training.loop import publish
+
+  config = presets.get("micro")
+  params = init_params(Llama(config), jax.random.key(0))
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "runs").mkdir()
+  publish(pathlib.Path("runs/seed"), config, params, {"stage": "seed"})
+  model, loaded = jbtx.load(tmp_path / "runs" / "seed")
+  assert model.config == config
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)

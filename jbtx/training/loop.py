@@ -166,6 +166,7 @@ def publish(stage_dir: pathlib.Path, model_config: ModelConfig, params: Any,
   An interrupted publish leaves no `jbtx.json`; the rerun resumes from the final
   training checkpoint and publishes again.
   """
+  stage_dir = stage_dir.absolute()  # Orbax writes only to absolute paths.
   staging = stage_dir / "final.partial"
   if jax.process_index() == 0:
     for stale in (staging, stage_dir / checkpoint.PARAMS_DIR):
