@@ -203,6 +203,12 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
   def gradients(params, batch, rng, step):
     total = jnp.maximum(jnp.sum(_valid_targets(batch["segment_ids"])), 1)
     grad_fn = jax.grad(micro_loss, has_aux=True)
+    if n == 1:  # No scan: its carried accumulators would cost copies of every gradient.
+      grads, (ce_sum, aux, count, stats) = grad_fn(params, batch, rng, step, total)
+      return grads, ce_sum / total, aux, count, stats
+    if n == 1:  # No scan: its carried accumulators would cost copies of every gradient.
+      grads, (ce_sum, aux, count, stats) = grad_fn(params, batch, rng, step, total)
+      return grads, ce_sum / total, aux, count, stats
 
     def accumulate(acc, micro):
       index, micro_batch = micro
