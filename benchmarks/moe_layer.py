@@ -20,7 +20,8 @@ of the baseline times interleaved with it. A path stops repeating once it has us
 1.0, and dense (every expert on every token) costs about E/k. A last row,
 "(balanced)", times E batched expert SwiGLUs of exactly T·k/E rows each (no routing,
 no gather or scatter): what the backend's matmuls cost at the experts' shapes, a floor
-no exact path can beat by much.
+no exact path can beat by much. "expert_choice" is a different routing at the same
+compute (each expert takes C = T·k/E tokens per group; `routing.expert_choice`).
 
 Active FLOPs of forward+backward, used for TFLOP/s: 6 · tokens · d_model · 3·k·d_ff
 (three matmuls of 2 · tokens · d_model · k·d_ff forward, twice that backward). The
@@ -31,6 +32,7 @@ router (6 · tokens · d_model · E), the elementwise work and FLOPs wasted by a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -45,7 +47,7 @@ CONFIGS = {
     "mixtral": {"n_experts": 8, "top_k": 2, "d_ff": 1408},
     "olmoe": {"n_experts": 64, "top_k": 8, "d_ff": 176},
 }
-PATHS = ("blocked", "dropless", "capacity", "dense", "loop")
+PATHS = ("blocked", "dropless", "capacity", "dense", "loop", "expert_choice")
 
 
 def _normal(key: jax.Array, shape: tuple[int, ...], dtype, fan_in: int) -> jax.Array:
@@ -81,6 +83,10 @@ def _layer(path: str, config: MoEConfig, capacity_group_size: int) -> Callable:
 
   def apply(x, router, experts):
     logits = x.astype(jnp.float32) @ router.astype(jnp.float32)
+    if path == "expert_choice":  # its own routing, at the same compute: C = T·k/E
+      ec = dataclasses.replace(config, routing="expert_choice", capacity_factor=1.0)
+      return (dispatch.expert_choice(x, routing.expert_choice(logits, ec), experts),
+              jnp.zeros((), jnp.float32))
     choice = routing.route(logits, config)
     if path == "capacity":
       return dispatch.capacity_dispatch(x, choice, experts, config.capacity_factor,
@@ -147,6 +153,9 @@ def run_config(name: str, sizes: dict, args: argparse.Namespace) -> None:
     notes = [f"{runs} runs"]
     if path == default:
       notes.append('default ("auto")')
+    if path == "expert_choice":
+      notes.append("expert-choice routing (not top-k), C = T·k/E per group of "
+                   f"{args.capacity_group_size}")
     if path == "capacity":
       dropped = jax.jit(layer)(x, router, experts)[1]
       notes.append(f"factor {args.capacity_factor}, groups of {args.capacity_group_size}, "
@@ -182,7 +191,7 @@ def main() -> None:
   parser.add_argument("--top-k", type=int, help="k (default: per config)")
   parser.add_argument("--capacity-factor", type=float, default=1.25)
   parser.add_argument("--capacity-group-size", type=int, default=1024)
-  parser.add_argument("--paths", default="blocked,dropless,capacity,dense",
+  parser.add_argument("--paths", default="blocked,dropless,capacity,dense,expert_choice",
                       help=f"comma-separated, from {', '.join(PATHS)}; the default path "
                       "is always timed")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

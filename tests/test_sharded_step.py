@@ -36,11 +36,15 @@ MESHES = [(8, 1, 1, 1), (2, 4, 1, 1), (2, 1, 4, 1), (1, 2, 2, 2)]
 
 
 def _model_config(name):
-  """"micro" (dense) or "mixed": micro_moe with a dense then an MoE block (moe.every=2)."""
+  """"micro" (dense), "mixed" (micro_moe with a dense then an MoE block: moe.every=2) or
+  "expert_choice" (mixed, with expert-choice routing per row of 16 tokens)."""
   if name == "micro":
     return presets.get("micro")
   config = presets.get("micro_moe")
-  return dataclasses.replace(config, moe=dataclasses.replace(config.moe, every=2))
+  moe = dataclasses.replace(config.moe, every=2)
+  if name == "expert_choice":
+    moe = dataclasses.replace(moe, routing="expert_choice", capacity_group_size=16)
+  return dataclasses.replace(config, moe=moe)
 
 
 @functools.cache
@@ -115,6 +119,13 @@ def test_sharded_step_equals_one_device(shape):
   np.testing.assert_allclose(metrics["expert_load"], ref_metrics["expert_load"], atol=1e-6)
   expert_parallel = "all_to_all" in _compiled_step("mixed", shape)[2]
   assert expert_parallel == (shape[2] > 1)  # the MoE layer exchanges tokens over "expert"
+
+
+def test_sharded_expert_choice_step_equals_one_device():
+  before, ref_state, ref_metrics = _reference("expert_choice")
+  new_state, metrics = _run("expert_choice", (2, 1, 4, 1), before, _batch())
+  _assert_same_step(new_state, metrics, ref_state, ref_metrics)
+  np.testing.assert_allclose(ref_metrics["expert_load"], 0.25, rtol=1e-6)  # balanced
 
 
 def test_init_is_born_sharded_and_mesh_independent():

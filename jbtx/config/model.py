@@ -10,8 +10,11 @@ from jbtx.config.base import require_positive as _require_positive
 
 DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
-Routing = Literal["topk", "softmax_topk", "switch", "sample_top1", "soft"]
-Dispatch = Literal["auto", "dropless", "blocked", "capacity", "dense", "loop"]
+Routing = Literal["topk", "softmax_topk", "switch", "sample_top1", "soft", "expert_choice"]
+Dispatch = Literal["auto", "dropless", "blocked", "capacity", "dense", "loop", "expert_choice"]
+# Paths that compute expert-choice routing exactly (the others would run every expert
+# on every token through the k = E token-major form, or drop by a second capacity).
+EXPERT_CHOICE_DISPATCH = ("auto", "expert_choice", "dense", "loop")
 LoadBalance = Literal["btx", "switch"]
 
 
@@ -21,19 +24,25 @@ class MoEConfig:
 
   Attributes:
     n_experts: experts per MoE layer (E).
-    top_k: experts per token (k); "switch" and "sample_top1" use 1, "soft" uses all.
+    top_k: experts per token (k); "switch" and "sample_top1" use 1, "soft" uses all,
+      "expert_choice" uses k · capacity_factor on average.
     d_ff: hidden width of each SwiGLU expert (default: the model's d_ff).
     routing: "topk" (softmax over the top-k logits: BTX, Mixtral), "softmax_topk"
       (softmax over all experts, then top-k: OLMoE), "switch" (top-1 of the softmax,
       capacity-limited), "sample_top1" (Gumbel-softmax sample in training, argmax at
-      inference), "soft" (all experts, softmax weights).
+      inference), "soft" (all experts, softmax weights), "expert_choice" (each
+      expert takes the C tokens of each group with the highest router probability,
+      C = ceil(capacity_factor · group · top_k / E); Zhou et al. 2022; not causal, so
+      training and full-sequence evaluation only).
     renormalize: for "softmax_topk", divide the k gate values by their sum (OLMoE: no).
     dispatch: "dropless" (sort + grouped matmul), "blocked" (sort + a loop over row
       blocks per expert, for CPU), "capacity" (GShard einsums, tokens over capacity
       dropped), "dense" (every expert on every token), "loop" (the per-expert
-      reference), or "auto" (the fastest exact path for the backend).
-    capacity_factor: expert capacity = factor * tokens * k / E, per group.
-    capacity_group_size: tokens per GShard routing group.
+      reference), "expert_choice" (each expert on its C tokens; expert-choice
+      routing only), or "auto" (the fastest exact path for the backend and routing).
+    capacity_factor: expert capacity = factor * tokens * k / E, per group ("switch",
+      "capacity" dispatch and "expert_choice" routing).
+    capacity_group_size: tokens per routing group (GShard capacity, expert choice).
     every: MoE FFN in every n-th layer (the last of each group of n); 1 = all layers.
     n_shared_experts: always-on experts of width d_ff, added to the routed output.
     router_jitter: multiplicative uniform noise on the router input in training.
@@ -84,14 +93,22 @@ class MoEConfig:
              f"got {self.gumbel_min_temperature}")
     _require(self.gumbel_anneal_rate >= 0, "gumbel_anneal_rate",
              f"must be non-negative, got {self.gumbel_anneal_rate}")
+    if self.routing == "expert_choice":
+      _require(self.dispatch in EXPERT_CHOICE_DISPATCH, "dispatch",
+               f"expert_choice routing runs with one of {EXPERT_CHOICE_DISPATCH}, "
+               f"got {self.dispatch!r}")
+    _require(self.dispatch != "expert_choice" or self.routing == "expert_choice", "dispatch",
+             f"'expert_choice' dispatch needs routing='expert_choice', got {self.routing!r}")
     for key in ("load_balance_coef", "router_z_coef"):
       _require(getattr(self, key) >= 0, key, f"must be non-negative, got {getattr(self, key)}")
 
   @property
-  def experts_per_token(self) -> int:
-    """k as the routing actually uses it."""
+  def experts_per_token(self) -> float:
+    """k as the routing actually uses it (on average for "expert_choice")."""
     if self.routing in ("switch", "sample_top1"):
       return 1
+    if self.routing == "expert_choice":
+      return self.top_k * self.capacity_factor
     return self.n_experts if self.routing == "soft" else self.top_k
 
 
@@ -179,4 +196,4 @@ class ModelConfig:
       moe_ffn = (3 * self.d_model * width * (n_used + moe.n_shared_experts)
                  + self.d_model * moe.n_experts)
       layers += (self.n_layers // moe.every) * (moe_ffn - dense_ffn)
-    return layers + 2 * self.vocab_size * self.d_model + self.d_model
+    return round(layers) + 2 * self.vocab_size * self.d_model + self.d_model

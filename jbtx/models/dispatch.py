@@ -13,6 +13,8 @@
   capacity  GShard: per group of tokens, each expert takes at most C assignments
             (first choices before second choices, earlier tokens first); the rest
             are dropped. Dispatch/combine are einsums with one-hot [S, E, C] tensors.
+  expert_choice  for expert-choice routing only: every expert runs on exactly the C
+            tokens it took (a gather to [E, C, embed], batched SwiGLUs, a scatter-add).
 
 Expert kernels: gate, up `[E, embed, mlp]`, down `[E, mlp, embed]`.
 """
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbtx.models.routing import Routing, gate_matrix
+from jbtx.models.routing import ExpertChoice, Routing, gate_matrix
 
 
 class Experts(NamedTuple):
@@ -79,6 +81,27 @@ def dropless(x: jax.Array, routing: Routing, experts: Experts) -> jax.Array:
   y_sorted = jax.lax.ragged_dot(h, experts.down, group_sizes)  # [T*k, embed]
   y = jnp.take(y_sorted, jnp.argsort(order), axis=0).reshape(n_tokens, k, -1)
   return jnp.einsum("tkd,tk->td", y, routing.weights.astype(x.dtype))
+
+
+def expert_choice(x: jax.Array, choice: ExpertChoice, experts: Experts) -> jax.Array:
+  """Expert-choice dispatch: `out[t] = Σ_{e, c: tokens[e, c] = t} gates[e, c] · FF_e(x[t])`.
+
+  Args:
+    x: `[tokens, embed]`.
+    choice: the `[E, C]` tokens each expert took and their gates.
+    experts: the expert kernels.
+
+  Returns:
+    `[tokens, embed]`; 0 for tokens no expert took.
+  """
+  rows = jnp.take(x, choice.tokens, axis=0)  # [E, C, embed]
+  h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", rows, experts.gate)) * jnp.einsum(
+      "ecd,edf->ecf", rows, experts.up)
+  h = h * choice.gates[..., None].astype(h.dtype)  # the gate applied before `down`
+  y = jnp.einsum("ecf,efd->ecd", h, experts.down, preferred_element_type=jnp.float32)
+  out = jnp.zeros(x.shape, jnp.float32).at[choice.tokens.reshape(-1)].add(
+      y.reshape(-1, x.shape[-1]))
+  return out.astype(x.dtype)
 
 
 # Row blocks of the blocked path, largest first: each expert's rows are covered by as

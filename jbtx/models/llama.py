@@ -239,6 +239,9 @@ class Llama(nn.Module):
       float32 logits `[batch, seq, vocab]`.
     """
     cfg = self.config
+    if self.decode and cfg.moe is not None and cfg.moe.routing == "expert_choice":
+      raise ValueError("expert_choice routing is not causal (each expert picks among all "
+                       "tokens of a group), so it cannot decode incrementally")
     if positions is None:
       if self.decode:
         raise ValueError("positions are required when decoding with a KV cache")

@@ -35,7 +35,8 @@ def dispatch_path(config: ModelConfig) -> str:
   """The dispatch implementation "auto" resolves to.
 
   Switch routing is defined with a capacity (tokens over it are dropped), soft routing
-  uses every expert (dense is exact and cheapest). Otherwise an exact dropless path:
+  uses every expert (dense is exact and cheapest), expert-choice routing has its own
+  path (every expert on exactly the tokens it took). Otherwise an exact dropless path:
   "dropless" (`ragged_dot`, grouped-matmul kernels on GPU and TPU), except on CPU,
   where XLA runs `ragged_dot` as a masked product with every expert and "blocked" is
   the fastest. `benchmarks/moe_layer.py` on a 2-core CPU, float32, 8192 tokens,
@@ -53,6 +54,8 @@ def dispatch_path(config: ModelConfig) -> str:
     return "capacity"
   if moe.routing == "soft":
     return "dense"
+  if moe.routing == "expert_choice":
+    return "expert_choice"
   return "blocked" if jax.default_backend() == "cpu" else "dropless"
 
 
@@ -83,9 +86,14 @@ class MoE(nn.Module):
     router = self.param("router", kernel_init(cfg, ("embed", "expert")), (d, n_experts),
                         param_dtype)
     logits = router_in @ router.astype(jnp.float32)  # [T, E], always float32
-    sample_rng = (self.make_rng("router")
-                  if self.train and moe.routing == "sample_top1" else None)
-    choice = routing.route(logits, moe, sample_rng, routing.gumbel_temperature(moe, step))
+    taken = None  # expert-choice routing's [E, C] form
+    if moe.routing == "expert_choice":
+      taken = routing.expert_choice(logits, moe)
+      choice = routing.expert_choice_routing(taken, len(tokens))
+    else:
+      sample_rng = (self.make_rng("router")
+                    if self.train and moe.routing == "sample_top1" else None)
+      choice = routing.route(logits, moe, sample_rng, routing.gumbel_temperature(moe, step))
 
     def expert_kernel(name, shape, axes):
       return self.param(name, kernel_init(cfg, axes), shape, param_dtype).astype(dtype)
@@ -94,7 +102,13 @@ class MoE(nn.Module):
         gate=expert_kernel("gate", (n_experts, d, f), ("expert", "embed", "mlp")),
         up=expert_kernel("up", (n_experts, d, f), ("expert", "embed", "mlp")),
         down=expert_kernel("down", (n_experts, f, d), ("expert", "mlp", "embed")))
-    y, dropped = self._dispatch(tokens.astype(dtype), choice, experts)
+    if taken is None:
+      y, dropped = self._dispatch(tokens.astype(dtype), choice, experts)
+    else:  # dispatch "loop" and "dense" take the token-major form too (tests, oracle).
+      y = (dispatch.expert_choice(tokens.astype(dtype), taken, experts)
+           if dispatch_path(cfg) == "expert_choice"
+           else self._dispatch(tokens.astype(dtype), choice, experts)[0])
+      dropped = routing.untaken_fraction(taken, len(tokens))
     if moe.n_shared_experts:
       shared_cfg = dataclasses.replace(cfg, d_ff=moe.n_shared_experts * f, moe=None)
       y = y + MLP(shared_cfg, name="shared")(tokens.astype(dtype))

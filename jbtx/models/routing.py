@@ -12,10 +12,21 @@ Variants (`MoEConfig.routing`):
   switch        top-1 of softmax(logits), weight = its prob  Switch Transformer
   sample_top1   Gumbel-softmax sample (training) / argmax (inference), BTX ablation
   soft          all experts, g = softmax(logits)             BTX "soft routing"
+  expert_choice each expert takes the C tokens of its group     Zhou et al. 2022
+                with the highest softmax(logits), g = that prob
+
+Expert choice is expert-major: `expert_choice` returns the `[E, C]` token indices and
+gates that `dispatch.expert_choice` consumes; `route` returns the same decision as a
+token-major Routing with k = E (gate 0 for experts that did not take the token), which
+every other path, the losses and the metrics accept. A token may be taken by any
+number of experts, none included; loads are balanced by construction. The choice
+depends on every token of the group, later ones included, so it is not causal and
+cannot be used for incremental decoding.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -27,6 +38,59 @@ from jbtx.config import MoEConfig
 class Routing(NamedTuple):
   experts: jax.Array  # int32 [tokens, k]
   weights: jax.Array  # float32 [tokens, k]
+
+
+class ExpertChoice(NamedTuple):
+  tokens: jax.Array  # int32 [E, C·groups]: the tokens each expert takes
+  gates: jax.Array  # float32 [E, C·groups]: their router probabilities for that expert
+
+
+def expert_choice_slots(n_tokens: int, config: MoEConfig) -> tuple[int, int]:
+  """`(group size S, slots C per expert and group)` of expert-choice routing.
+
+  `C = min(S, ceil(capacity_factor · S · top_k / E))`: on average each token is taken
+  by `capacity_factor · top_k` experts (Zhou et al.'s capacity factor c).
+  """
+  size = min(config.capacity_group_size, n_tokens)
+  if n_tokens % size:
+    raise ValueError(f"expert-choice routing: {n_tokens} tokens do not split into groups of "
+                     f"{size}; set moe.capacity_group_size to a divisor")
+  slots = math.ceil(config.capacity_factor * size * config.top_k / config.n_experts)
+  return size, min(size, slots)
+
+
+def expert_choice(logits: jax.Array, config: MoEConfig) -> ExpertChoice:
+  """Each expert takes the C tokens of each group with the highest router probability.
+
+  Args:
+    logits: float32 router logits `[tokens, E]`; tokens are split into consecutive
+      groups of `expert_choice_slots(tokens, config)[0]`.
+    config: E, top_k, capacity_factor and capacity_group_size.
+  """
+  n_tokens, n_experts = logits.shape
+  size, slots = expert_choice_slots(n_tokens, config)
+  groups = n_tokens // size
+  probs = jax.nn.softmax(logits, axis=-1).reshape(groups, size, n_experts)
+  gates, tokens = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), slots)  # [G, E, C]
+  tokens = tokens + (jnp.arange(groups) * size)[:, None, None]
+  expert_major = lambda a: jnp.swapaxes(a, 0, 1).reshape(n_experts, groups * slots)
+  return ExpertChoice(expert_major(tokens).astype(jnp.int32), expert_major(gates))
+
+
+def expert_choice_routing(choice: ExpertChoice, n_tokens: int) -> Routing:
+  """The expert-major choice as a token-major Routing with k = E (0 where not taken)."""
+  n_experts = choice.tokens.shape[0]
+  expert = jnp.broadcast_to(jnp.arange(n_experts, dtype=jnp.int32)[:, None], choice.tokens.shape)
+  weights = jnp.zeros((n_tokens, n_experts), choice.gates.dtype).at[choice.tokens, expert].set(
+      choice.gates, unique_indices=True)
+  experts = jnp.broadcast_to(jnp.arange(n_experts, dtype=jnp.int32), (n_tokens, n_experts))
+  return Routing(experts, weights)
+
+
+def untaken_fraction(choice: ExpertChoice, n_tokens: int) -> jax.Array:
+  """Fraction of tokens that no expert took (their MoE output is 0)."""
+  taken = jnp.zeros((n_tokens,), jnp.int32).at[choice.tokens.reshape(-1)].add(1)
+  return jnp.mean((taken == 0).astype(jnp.float32))
 
 
 def gumbel_temperature(config: MoEConfig, step: jax.Array | None) -> jax.Array:
@@ -75,6 +139,8 @@ def route(logits: jax.Array, config: MoEConfig, rng: jax.Array | None = None,
     sample = jax.nn.softmax(noisy, axis=-1)
     weights, experts = jax.lax.top_k(sample, 1)
     return Routing(experts.astype(jnp.int32), weights)
+  if config.routing == "expert_choice":
+    return expert_choice_routing(expert_choice(logits, config), n_tokens)
   if config.routing == "soft":
     experts = jnp.broadcast_to(jnp.arange(n_experts, dtype=jnp.int32), (n_tokens, n_experts))
     return Routing(experts, probs)
