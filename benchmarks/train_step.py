@@ -15,10 +15,17 @@ batch `[batch, seq]`, on CPU, in this one process:
 
 Same hyper-parameters (lr 1e-3, betas 0.9/0.95, weight decay 0.1). Each side runs
 `--warmup` steps (jbtx: compilation); then the `--steps` timed steps alternate between
-the two, so both see the same machine load, and tokens/s is taken from each side's
+them, so all see the same machine load, and tokens/s is taken from each side's
 median step time (jbtx waits for every step's result). Prints both and their ratio
-(target >= 1.5). On a machine busy with other work, multi-threaded PyTorch can stall
-far more than XLA; `--threads=1` runs both on one thread for a steadier comparison.
+(target >= 1.5).
+
+The dense equivalents (on by default; `--no-dense-equivalent` skips them) replace each
+MoE layer by one SwiGLU of width k·d_ff, the same active FLOPs: jbtx's `Llama` without
+`moe`, and `LlamaForCausalLM`. Their ratio is the same comparison with no routing or
+dispatch at all, i.e. how XLA's and PyTorch's CPU kernels compare on this model.
+
+On a machine busy with other work, multi-threaded PyTorch can stall far more than XLA;
+`--threads=1` runs both on one thread for a steadier comparison.
 """
 
 from __future__ import annotations
@@ -45,15 +52,18 @@ SHAPE = {"vocab_size": 512, "d_model": 128, "n_layers": 2, "n_heads": 4, "n_kv_h
 LR, BETAS, WEIGHT_DECAY, CLIP, LB_COEF = 1e-3, (0.9, 0.95), 0.1, 1.0, 0.01
 
 
-def jbtx_step(tokens: np.ndarray, dispatch: str) -> Callable[[], None]:
-  """One jbtx training step per call, on the first device, waiting for its result."""
+def jbtx_step(tokens: np.ndarray, dispatch: str, moe: bool = True) -> Callable[[], None]:
+  """One jbtx training step per call, on the first device, waiting for its result.
+
+  `moe=False`: the dense equivalent, a SwiGLU of width k·d_ff in place of the MoE.
+  """
   s = SHAPE
+  moe_config = MoEConfig(n_experts=s["n_experts"], top_k=s["top_k"], load_balance="switch",
+                         load_balance_coef=LB_COEF, dispatch=dispatch)
   config = ModelConfig(vocab_size=s["vocab_size"], d_model=s["d_model"], n_layers=s["n_layers"],
-                       n_heads=s["n_heads"], n_kv_heads=s["n_kv_heads"], d_ff=s["d_ff"],
-                       max_seq_len=tokens.shape[1],
-                       moe=MoEConfig(n_experts=s["n_experts"], top_k=s["top_k"],
-                                     load_balance="switch", load_balance_coef=LB_COEF,
-                                     dispatch=dispatch))
+                       n_heads=s["n_heads"], n_kv_heads=s["n_kv_heads"],
+                       d_ff=s["d_ff"] * (1 if moe else s["top_k"]),
+                       max_seq_len=tokens.shape[1], moe=moe_config if moe else None)
   model = Llama(config)
   optimizer = make_optimizer(OptimizerConfig(learning_rate=LR, warmup_steps=0, b1=BETAS[0],
                                              b2=BETAS[1], weight_decay=WEIGHT_DECAY,
@@ -72,17 +82,27 @@ def jbtx_step(tokens: np.ndarray, dispatch: str) -> Callable[[], None]:
   return step
 
 
-def torch_step(tokens: np.ndarray) -> Callable[[], None]:
-  """One PyTorch training step of `MixtralForCausalLM` per call."""
+def torch_step(tokens: np.ndarray, moe: bool = True) -> Callable[[], None]:
+  """One PyTorch training step of `MixtralForCausalLM` per call.
+
+  `moe=False`: the dense equivalent, `LlamaForCausalLM` with intermediate size k·d_ff.
+  """
   s = SHAPE
-  config = transformers.MixtralConfig(
-      vocab_size=s["vocab_size"], hidden_size=s["d_model"], intermediate_size=s["d_ff"],
-      num_hidden_layers=s["n_layers"], num_attention_heads=s["n_heads"],
-      num_key_value_heads=s["n_kv_heads"], num_local_experts=s["n_experts"],
-      num_experts_per_tok=s["top_k"], max_position_embeddings=tokens.shape[1],
-      output_router_logits=True, router_aux_loss_coef=LB_COEF, tie_word_embeddings=False)
+  common = dict(vocab_size=s["vocab_size"], hidden_size=s["d_model"],
+                num_hidden_layers=s["n_layers"], num_attention_heads=s["n_heads"],
+                num_key_value_heads=s["n_kv_heads"], max_position_embeddings=tokens.shape[1],
+                tie_word_embeddings=False)
+  if moe:
+    config = transformers.MixtralConfig(
+        intermediate_size=s["d_ff"], num_local_experts=s["n_experts"],
+        num_experts_per_tok=s["top_k"], output_router_logits=True,
+        router_aux_loss_coef=LB_COEF, **common)
+    model_cls = transformers.MixtralForCausalLM
+  else:
+    config = transformers.LlamaConfig(intermediate_size=s["d_ff"] * s["top_k"], **common)
+    model_cls = transformers.LlamaForCausalLM
   torch.manual_seed(0)
-  model = transformers.MixtralForCausalLM(config).train()
+  model = model_cls(config).train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS,
                                 weight_decay=WEIGHT_DECAY)
   ids = torch.from_numpy(tokens.astype(np.int64))
@@ -110,6 +130,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--dispatch", default="auto", help="jbtx MoE dispatch path")
+  parser.add_argument("--dense-equivalent", action=argparse.BooleanOptionalAction, default=True,
+                      help="also time both frameworks' dense equivalents (FFN width k·d_ff)")
   parser.add_argument("--threads", type=int, default=0,
                       help="1: both single-threaded (steadier on a busy machine); 0: defaults")
   args = parser.parse_args()
@@ -122,15 +144,27 @@ def main() -> None:
   print(f"model {SHAPE}, batch {args.batch}x{args.seq}, {args.steps} timed steps each, "
         f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
-  ours, theirs = jbtx_step(tokens, args.dispatch), torch_step(tokens)
+  steps = {f"jbtx train step ({args.dispatch})": jbtx_step(tokens, args.dispatch),
+           "HF MixtralForCausalLM": torch_step(tokens)}
+  if args.dense_equivalent:
+    steps |= {"jbtx dense equivalent": jbtx_step(tokens, args.dispatch, moe=False),
+              "HF LlamaForCausalLM (dense eq.)": torch_step(tokens, moe=False)}
   for _ in range(args.warmup):
-    ours()
-    theirs()
-  times = [(_seconds(ours), _seconds(theirs)) for _ in range(args.steps)]
-  rates = [tokens.size / statistics.median(t) for t in zip(*times, strict=True)]
-  print(f"jbtx train step ({args.dispatch}): {rates[0]:10,.0f} tokens/s")
-  print(f"HF MixtralForCausalLM:     {rates[1]:10,.0f} tokens/s")
-  print(f"ratio jbtx / PyTorch:      {rates[0] / rates[1]:10.2f}  (target >= 1.5)")
+    for step in steps.values():
+      step()
+  times = {name: [] for name in steps}
+  for _ in range(args.steps):
+    for name, step in steps.items():
+      times[name].append(_seconds(step))
+  rates = {name: tokens.size / statistics.median(t) for name, t in times.items()}
+  for name, rate in rates.items():
+    print(f"{name + ':':<34}{rate:10,.0f} tokens/s")
+  ours, theirs = list(rates.values())[:2]
+  print(f"{'ratio jbtx / PyTorch:':<34}{ours / theirs:10.2f}  (target >= 1.5)")
+  if args.dense_equivalent:
+    dense_ours, dense_theirs = list(rates.values())[2:]
+    print(f"{'ratio, dense equivalents:':<34}{dense_ours / dense_theirs:10.2f}  "
+          "(the same comparison without MoE layers)")
 
 
 if __name__ == "__main__":
