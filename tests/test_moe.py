@@ -69,8 +69,14 @@ def test_dispatch_paths_equal_the_loop_oracle(name, path):
   loads = np.bincount(np.asarray(choice.experts).ravel(), minlength=E)
   if config.routing != "soft":  # soft routing sends every token to every expert
     assert loads[5] == 0 and len(set(loads[:5])) > 1  # uneven, and one idle expert
-  want, want_grads = _value_and_grads(jax.jit(_layer("loop", config, rng)), x, router, experts)
-  got, got_grads = _value_and_grads(jax.jit(_layer(path, config, rng)), x, router, experts)
+  assert_matches_oracle(_layer(path, config, rng), _layer("loop", config, rng), x, router,
+                        experts)
+
+
+def assert_matches_oracle(layer, oracle, x, router, experts):
+  """`layer` equals `oracle` in outputs and gradients w.r.t. x, router and experts."""
+  want, want_grads = _value_and_grads(jax.jit(oracle), x, router, experts)
+  got, got_grads = _value_and_grads(jax.jit(layer), x, router, experts)
   np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
   for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
     np.testing.assert_allclose(g, w, atol=TOL, rtol=0)
