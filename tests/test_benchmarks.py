@@ -1,0 +1,33 @@
+"""The MFU benchmark, which a GPU session runs at 1B scale, runs end to end on CPU."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--batch=8", "--seq=32", "--vocab=97", "--d-model=32", "--layers=2", "--heads=4",
+        "--d-ff=24", "--experts=4", "--steps=2", "--warmup=1", "--dtype=float32"]
+
+
+def _mfu(*flags):
+  return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mfu.py"), *TINY, *flags],
+                        capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_mfu_benchmark_reports_both_models_consistently():
+  run = _mfu("--peak-tflops=0.05")
+  assert run.returncode == 0, run.stderr
+  rows = re.findall(r"^(MoE|dense equivalent) .*?([\d,]+) tokens/s, +([\d.e+-]+) TFLOP/s/device, "
+                    r"MFU +([\d.]+)%", run.stdout, re.M)
+  assert [r[0] for r in rows] == ["MoE", "dense equivalent"], run.stdout
+  n_devices = int(run.stdout.split(" x ")[0])  # the tests' 8 simulated CPU devices
+  assert n_devices == 8
+  for _, _, tflops, mfu in rows:  # MFU = achieved FLOP/s per device / peak
+    assert float(mfu) > 0
+    assert abs(float(tflops) / 0.05 * 100 - float(mfu)) < 0.051 + 1e-3 * float(mfu)
+
+
+def test_mfu_benchmark_needs_a_peak_for_unknown_devices():
+  run = _mfu()
+  assert run.returncode == 2 and "--peak-tflops" in run.stderr
