@@ -104,3 +104,13 @@ def test_expert_choice_decoder_balances_loads_and_refuses_to_decode():
   with pytest.raises(ValueError, match="not causal"):
     Llama(cfg, decode=True).init(jax.random.key(0), tokens[:, :1],
                                  positions=jnp.zeros((2, 1), jnp.int32))
+
+
+def test_active_parameters_count_the_average_experts_per_token():
+  cfg = presets.get("micro_moe")
+  with_moe = lambda **moe: dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **moe))
+  top2 = with_moe(routing="topk", top_k=2)
+  assert (with_moe(routing="expert_choice", top_k=2, capacity_factor=1.0).num_active_params()
+          == top2.num_active_params())
+  every_expert = with_moe(routing="expert_choice", capacity_factor=100.0)  # C = S
+  assert every_expert.num_active_params() == every_expert.num_params()

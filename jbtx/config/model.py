@@ -107,8 +107,8 @@ class MoEConfig:
     """k as the routing actually uses it (on average for "expert_choice")."""
     if self.routing in ("switch", "sample_top1"):
       return 1
-    if self.routing == "expert_choice":
-      return self.top_k * self.capacity_factor
+    if self.routing == "expert_choice":  # C ≤ the group size: at most every expert
+      return min(self.n_experts, self.top_k * self.capacity_factor)
     return self.n_experts if self.routing == "soft" else self.top_k
 
 
