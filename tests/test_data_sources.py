@@ -77,6 +77,13 @@ def test_unknown_tfds_dataset(tmp_path):
     pipeline.train_iterator(config, seed=0)
 
 
+def test_empty_tfds_split_names_the_dataset():
+  # Any sequence of examples stands in for the ArrayRecord data source of a split.
+  with pytest.raises(ValueError, match=r"empty dataset: tfds:wiki/en\[train\] has no examples"):
+    sources.TfdsSource([], "text", "tfds:wiki/en[train]")
+  assert sources.TfdsSource([{"text": "a"}], "text", "tfds:wiki/en[train]")[0] == "a"
+
+
 def test_files_prepared_once_into_array_record_and_read_through_tfds(tmp_path):
   write_jsonl(tmp_path / "train.jsonl", [f"doc {i} ü" for i in range(7)])
   write_jsonl(tmp_path / "val.jsonl", ["held out"])
