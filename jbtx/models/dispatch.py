@@ -22,7 +22,6 @@ Expert kernels: gate, up `[E, embed, mlp]`, down `[E, mlp, embed]`.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -30,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbtx.models.routing import ExpertChoice, Routing, gate_matrix
+from jbtx.models.routing import ExpertChoice, Routing, capacity, gate_matrix
 
 
 class Experts(NamedTuple):
@@ -258,11 +257,6 @@ def _blocked_bwd(blocks, residuals, dout):
 
 
 _blocked_swiglu.defvjp(_blocked_fwd, _blocked_bwd)
-
-
-def capacity(n_tokens: int, n_experts: int, k: int, factor: float) -> int:
-  """Slots per expert for `n_tokens` tokens: `ceil(factor · n_tokens · k / E)`."""
-  return max(1, math.ceil(factor * n_tokens * k / n_experts))
 
 
 def capacity_masks(routing: Routing, n_experts: int, slots: int):

@@ -45,6 +45,11 @@ class ExpertChoice(NamedTuple):
   gates: jax.Array  # float32 [E, C·groups]: their router probabilities for that expert
 
 
+def capacity(n_tokens: int, n_experts: int, k: int, factor: float) -> int:
+  """Slots per expert for `n_tokens` tokens: `ceil(factor · n_tokens · k / E)`."""
+  return max(1, math.ceil(factor * n_tokens * k / n_experts))
+
+
 def expert_choice_slots(n_tokens: int, config: MoEConfig) -> tuple[int, int]:
   """`(group size S, slots C per expert and group)` of expert-choice routing.
 
@@ -55,8 +60,7 @@ def expert_choice_slots(n_tokens: int, config: MoEConfig) -> tuple[int, int]:
   if n_tokens % size:
     raise ValueError(f"expert-choice routing: {n_tokens} tokens do not split into groups of "
                      f"{size}; set moe.capacity_group_size to a divisor")
-  slots = math.ceil(config.capacity_factor * size * config.top_k / config.n_experts)
-  return size, min(size, slots)
+  return size, min(size, capacity(size, config.n_experts, config.top_k, config.capacity_factor))
 
 
 def expert_choice(logits: jax.Array, config: MoEConfig) -> ExpertChoice:
