@@ -85,6 +85,9 @@ def main() -> None:
   parser.add_argument("--peak-tflops", type=float, default=0.0,
                       help="peak TFLOP/s of one device (default: from the device kind)")
   args = parser.parse_args()
+  if args.batch % jax.device_count():
+    parser.error(f"--batch={args.batch} must be divisible by the {jax.device_count()} devices "
+                 "(the default mesh is data parallel over all of them)")
   device = jax.devices()[0]
   peak = metrics.peak_flops(device.device_kind, args.peak_tflops * 1e12)
   if peak is None:

@@ -31,3 +31,8 @@ def test_mfu_benchmark_reports_both_models_consistently():
 def test_mfu_benchmark_needs_a_peak_for_unknown_devices():
   run = _mfu()
   assert run.returncode == 2 and "--peak-tflops" in run.stderr
+
+
+def test_mfu_benchmark_names_a_batch_the_devices_do_not_divide():
+  run = _mfu("--peak-tflops=0.05", "--batch=3")  # after TINY's --batch=8: the last wins
+  assert run.returncode == 2 and "--batch=3 must be divisible by the 8 devices" in run.stderr
