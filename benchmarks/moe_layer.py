@@ -23,6 +23,9 @@ no gather or scatter): what the backend's matmuls cost at the experts' shapes, a
 no exact path can beat by much. "expert_choice" is a different routing at the same
 compute (each expert takes C = T·k/E tokens per group; `routing.expert_choice`).
 
+The process keeps freed host memory for reuse (`jbtx.host_memory`, as `jbtx.train`
+does); `--no-reuse-host-memory` keeps glibc's defaults.
+
 Active FLOPs of forward+backward, used for TFLOP/s: 6 · tokens · d_model · 3·k·d_ff
 (three matmuls of 2 · tokens · d_model · k·d_ff forward, twice that backward). The
 router (6 · tokens · d_model · E), the elementwise work and FLOPs wasted by a path
@@ -40,6 +43,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jbtx import host_memory
 from jbtx.config import ModelConfig, MoEConfig
 from jbtx.models import dispatch, moe, routing
 
@@ -201,7 +205,12 @@ def main() -> None:
   parser.add_argument("--max-cpu-ragged-gb", type=float, default=4.0,
                       help="skip dropless on CPU when its masked ragged_dot needs more memory")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--reuse-host-memory", action=argparse.BooleanOptionalAction, default=True,
+                      help="glibc keeps freed blocks for reuse, as jbtx.train does "
+                           "(jbtx.host_memory)")
   args = parser.parse_args()
+  if args.reuse_host_memory:  # Before JAX (and PyTorch) start their threads.
+    host_memory.reuse_freed_blocks()
   unknown = set(args.paths.split(",")) - set(PATHS)
   if unknown:
     parser.error(f"unknown paths {sorted(unknown)}; choose from {', '.join(PATHS)}")

@@ -24,6 +24,10 @@ MoE layer by one SwiGLU of width k·d_ff, the same active FLOPs: jbtx's `Llama` 
 `moe`, and `LlamaForCausalLM`. Their ratio is the same comparison with no routing or
 dispatch at all, i.e. how XLA's and PyTorch's CPU kernels compare on this model.
 
+The process keeps freed host memory for reuse (`jbtx.host_memory`, as `jbtx.train`
+does; it serves both frameworks); `--no-reuse-host-memory` keeps glibc's defaults, under
+which every jbtx step page-faults its 68 MiB XLA:CPU buffer in again.
+
 On a machine busy with other work, multi-threaded PyTorch can stall far more than XLA;
 `--threads=1` runs both on one thread for a steadier comparison.
 """
@@ -41,7 +45,7 @@ import numpy as np
 import torch
 import transformers
 
-from jbtx import parallel
+from jbtx import host_memory, parallel
 from jbtx.config import MeshConfig, ModelConfig, MoEConfig, OptimizerConfig
 from jbtx.models.llama import Llama
 from jbtx.training.optimizer import make_optimizer
@@ -134,7 +138,12 @@ def main() -> None:
                       help="also time both frameworks' dense equivalents (FFN width k·d_ff)")
   parser.add_argument("--threads", type=int, default=0,
                       help="1: both single-threaded (steadier on a busy machine); 0: defaults")
+  parser.add_argument("--reuse-host-memory", action=argparse.BooleanOptionalAction, default=True,
+                      help="glibc keeps freed blocks for reuse, as jbtx.train does "
+                           "(jbtx.host_memory)")
   args = parser.parse_args()
+  if args.reuse_host_memory:  # Before JAX (and PyTorch) start their threads.
+    host_memory.reuse_freed_blocks()
   if args.threads == 1:  # Before JAX starts its CPU backend.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
                                "false intra_op_parallelism_threads=1").strip()

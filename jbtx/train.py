@@ -23,7 +23,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jbtx import checkpoint, distributed
+from jbtx import checkpoint, distributed, host_memory
 from jbtx.config import ConfigError, ExperimentConfig, from_mapping, to_dict
 from jbtx.data import pipeline
 from jbtx.training.loop import Preempted, log, train_stage
@@ -75,6 +75,8 @@ def main(argv: list[str]) -> None:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if config.reuse_host_memory:  # Before JAX starts its threads.
+    host_memory.reuse_freed_blocks()
   distributed.initialize(config.distributed)
   workdir = pathlib.Path(_WORKDIR.value
                          or default_workdir(flags.FLAGS["config"].config_filename)).absolute()

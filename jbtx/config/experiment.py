@@ -29,6 +29,7 @@ class ExperimentConfig:
   distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
   profile_steps: str = ""  # "FIRST,LAST": trace these steps (jbtx.training.profiling)
   dump_hlo: bool = False  # write the train step's HLO under <stage>/hlo/
+  reuse_host_memory: bool = True  # glibc keeps freed blocks for reuse (jbtx.host_memory)
 
   def __post_init__(self):
     try:
