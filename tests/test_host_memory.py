@@ -12,7 +12,8 @@ from jbtx import host_memory
 
 # On a thread other than the main one, as XLA:CPU runs executables: mallocs, fills and
 # frees an 80 MiB block six times and prints the minor page faults of the last five,
-# one per page if each block is mapped afresh and none if freed blocks are reused.
+# one per page (4 KiB, or 2 MiB with transparent huge pages) if each block is mapped
+# afresh, none if freed blocks are reused.
 _SCRIPT = textwrap.dedent("""
     import ctypes, ctypes.util, resource, sys, threading
     from jbtx import host_memory
@@ -48,9 +49,9 @@ def _faults(mode: str) -> int:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_freed_blocks_are_reused_without_page_faults():
-  pages = 5 * (80 << 20) // 4096  # What the five arrays occupy.
-  assert _faults("default") > pages // 2  # glibc maps each array afresh.
-  assert _faults("reuse") < pages // 100
+  default, reused = _faults("default"), _faults("reuse")
+  assert default >= 5  # glibc maps each block afresh: a fault at least per block.
+  assert reused <= default // 100
 
 
 def test_keep_bytes_must_fit_mallopt():
