@@ -4,10 +4,12 @@ r"""The jbtx command line: run an experiment's stages into a work directory.
 
 Stages are idempotent: each publishes one jbtx checkpoint in `workdir/<stage>/`, a rerun
 skips stages whose checkpoint is complete, and an interrupted stage resumes from its
-latest checkpoint in `workdir/<stage>/checkpoints/`. SIGTERM or SIGINT stops training
-after saving such a checkpoint, with exit status 0. Implemented so far: `seed`, which
-trains the dense seed model (`config.model`) on the configured corpus. The branch,
-expert-training and mix stages of BTX build on this checkpoint.
+latest checkpoint in `workdir/<stage>/checkpoints/`. SIGTERM or SIGINT during a stage
+stops the run with exit status 0 at the next safe point: after the current training
+step, saving a checkpoint, or before the final evaluation or the publish; a signal
+during the publish lets it finish (a second signal interrupts at once). Implemented so
+far: `seed`, which trains the dense seed model (`config.model`) on the configured
+corpus. The branch, expert-training and mix stages of BTX build on this checkpoint.
 
 Multi-host: run the same command on every host; `config.distributed` (or the cluster
 environment) makes the processes join one JAX job (`jbtx.distributed`).
@@ -26,6 +28,7 @@ from ml_collections import config_flags
 from jbtx import checkpoint, distributed, host_memory
 from jbtx.config import ConfigError, ExperimentConfig, from_mapping, to_dict
 from jbtx.data import pipeline
+from jbtx.training.guards import StopSignal
 from jbtx.training.loop import Preempted, log, train_stage
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -60,7 +63,8 @@ def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
     loss = metrics.get("validation", {}).get("loss")
     log(f"[seed] already complete: {seed_dir} (validation loss {loss}); skipping")
   else:
-    train_stage(config, seed_dir, stage="seed")
+    with StopSignal() as stop:
+      train_stage(config, seed_dir, "seed", stop)
 
 
 def main(argv: list[str]) -> None:

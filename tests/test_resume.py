@@ -1,5 +1,6 @@
 """Resumable training: kill -9, torn checkpoint writes, SIGTERM, and runs of skipped steps."""
 
+import os
 import shutil
 import signal
 import subprocess
@@ -13,8 +14,9 @@ import pytest
 from configs import btx
 from jbtx import checkpoint, parallel
 from jbtx.config import ExperimentConfig, from_mapping
+from jbtx.training import loop
 from jbtx.training.checkpointing import TrainCheckpointer
-from jbtx.training.loop import run_steps
+from jbtx.training.guards import StopSignal
 from jbtx.training.step import TrainState
 from tests.training_runs import (
     STEPS,
@@ -122,7 +124,49 @@ def test_consecutive_skipped_steps_stop_the_loop_with_a_clear_error(tmp_path):
   checkpointer = TrainCheckpointer(tmp_path, config.train)
   with pytest.raises(FloatingPointError, match=r"3 consecutive steps up to step 7 .*"
                      r"'train.max_skipped_steps' = 3.*stay as after step 4"):
-    run_steps(config, tmp_path, "test", parallel.make_mesh(config.mesh), (train_step, None),
-              state, _Batches(), checkpointer, {})
+    loop.run_steps(config, tmp_path, "test", parallel.make_mesh(config.mesh),
+                   (train_step, None), state, _Batches(), checkpointer, {}, StopSignal())
   checkpointer.close()
   assert ran == list(range(1, 9))  # The check lags one step behind the queued step.
+
+
+def _signal_during(function):
+  """`function`, sending this process SIGTERM while it runs (as a preemption would)."""
+
+  def signalled(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return function(*args, **kwargs)
+
+  return signalled
+
+
+def test_signals_outside_the_steps_stop_at_the_next_safe_point(tmp_path, monkeypatch):
+  config = btx.get_config()
+  config.train.update(steps=3, checkpoint_every=100, log_every=1, eval_batches=1,
+                      sample_tokens=0, tensorboard=False)
+  config.data.update(batch_size=8, seq_len=16)
+  config.model.update(n_layers=1)
+  config.optimizer.update(warmup_steps=1)
+  config = from_mapping(ExperimentConfig, config)
+  checkpoints = tmp_path / "checkpoints"
+
+  def run_stage(**patches):
+    with monkeypatch.context() as patched, StopSignal() as stop:
+      for name, function in patches.items():
+        patched.setattr(loop, name, _signal_during(function))
+      return loop.train_stage(config, tmp_path, "test", stop)
+
+  # During the evaluation before training: the run stops after step 1, saving it.
+  with pytest.raises(loop.Preempted, match="stopped by signal after step 1;"):
+    run_stage(evaluate=loop.evaluate)
+  assert _complete_steps(checkpoints) == [1]
+  # During the final evaluation, once step 3 is saved: no publish.
+  with pytest.raises(loop.Preempted, match="stopped by signal after step 3;"):
+    run_stage(evaluate=loop.evaluate)
+  assert _complete_steps(checkpoints) == [1, 3]
+  assert not (tmp_path / checkpoint.CONFIG_FILE).exists()
+  # During the publish: it finishes, and the stage is complete.
+  result = run_stage(publish=loop.publish)
+  assert result["steps"] == 3 and (tmp_path / checkpoint.CONFIG_FILE).exists()
+  assert _complete_steps(checkpoints) == [1, 3]  # Nothing was trained again.
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # The handler is restored.

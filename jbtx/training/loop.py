@@ -1,9 +1,13 @@
 """The resumable training loop of one stage.
 
-`train_stage(config, stage_dir, stage)` trains `config.model` from a random init (or
-from the latest resumable checkpoint under `stage_dir/checkpoints/`), then evaluates,
-samples, and publishes the stage's jbtx checkpoint in `stage_dir` (`jbtx.json` +
-`params/`). Side outputs of the stage directory:
+`train_stage(config, stage_dir, stage, stop)` trains `config.model` from a random init
+(or from the latest resumable checkpoint under `stage_dir/checkpoints/`), then
+evaluates, samples, and publishes the stage's jbtx checkpoint in `stage_dir`
+(`jbtx.json` + `params/`). A stop signal (`guards.StopSignal`, held by the caller for
+the whole run) ends the stage at the next safe point with `Preempted`: after the
+current training step (saving a checkpoint), or before the final evaluation or the
+publish once the last step's checkpoint is saved. A signal during the publish lets it
+finish: the stage is then complete. Side outputs of the stage directory:
 
     checkpoints/<step>/   resumable Orbax checkpoints (`jbtx.training.checkpointing`)
     tensorboard/          event files, and profiler traces under plugins/profile/
@@ -98,13 +102,15 @@ def validate(config: ExperimentConfig, step: int, params: Any, data: Any, mesh: 
 
 def run_steps(config: ExperimentConfig, stage_dir: pathlib.Path, stage: str, mesh: Mesh,
               steps_fns: tuple[Any, Any], state: TrainState, data: Any,
-              checkpointer: TrainCheckpointer, record: dict[str, Any]) -> TrainState:
+              checkpointer: TrainCheckpointer, record: dict[str, Any],
+              stop: StopSignal) -> TrainState:
   """Runs the steps after `state.step` up to `train.steps`, checkpointing and logging.
 
   Args:
     steps_fns: `(train_step, eval_step)` from `make_train_step` / `make_eval_step`.
     data: the training iterator (`get_state`, `set_state`, `update_weights`).
     record: JSON facts saved with every checkpoint.
+    stop: the run's stop signal, checked after every step.
 
   Raises:
     Preempted: after saving a checkpoint, when SIGTERM/SIGINT arrived.
@@ -119,32 +125,31 @@ def run_steps(config: ExperimentConfig, stage_dir: pathlib.Path, stage: str, mes
   window = metrics_lib.MetricWindow()
   pending = None  # The previous step's "skipped" flag, read once the next step is queued.
   try:
-    with StopSignal() as stop:
-      for step in range(start + 1, steps + 1):
-        profiler.before_step(step)
-        state, metrics = train_step(state, parallel.global_batch(mesh, next(data)))
-        if profiler.after_step(step, metrics):
-          reporter.write(f"[{stage}] wrote a profile of steps {config.profile_steps} to {logdir}")
-        if pending is not None:
-          guard.update(pending[0], bool(pending[1]))
-        pending = (step, metrics["skipped"])
-        window.add(metrics)
-        reporter.advance()
-        if step % train.log_every == 0 or step == steps:
-          summary = window.summary()
-          reporter.train(step, summary, _rates(config, summary))
-        if train.eval_every and step % train.eval_every == 0 and step < steps:
-          validate(config, step, state.params, data, mesh, eval_step, reporter)
-        # With several processes the stop flag is agreed on by a collective, which waits
-        # for the step to finish; do that only on log steps to keep dispatch ahead.
-        stopping = ((jax.process_count() == 1 or step % train.log_every == 0)
-                    and stop.requested())
-        if step % train.checkpoint_every == 0 or step == steps or stopping:
-          checkpointer.save(step, state, data.get_state(), record)
-        if stopping:
-          raise Preempted(stage, step)
+    for step in range(start + 1, steps + 1):
+      profiler.before_step(step)
+      state, metrics = train_step(state, parallel.global_batch(mesh, next(data)))
+      if profiler.after_step(step, metrics):
+        reporter.write(f"[{stage}] wrote a profile of steps {config.profile_steps} to {logdir}")
       if pending is not None:
         guard.update(pending[0], bool(pending[1]))
+      pending = (step, metrics["skipped"])
+      window.add(metrics)
+      reporter.advance()
+      if step % train.log_every == 0 or step == steps:
+        summary = window.summary()
+        reporter.train(step, summary, _rates(config, summary))
+      if train.eval_every and step % train.eval_every == 0 and step < steps:
+        validate(config, step, state.params, data, mesh, eval_step, reporter)
+      # With several processes the stop flag is agreed on by a collective, which waits
+      # for the step to finish; do that only on log steps to keep dispatch ahead.
+      stopping = ((jax.process_count() == 1 or step % train.log_every == 0)
+                  and stop.requested())
+      if step % train.checkpoint_every == 0 or step == steps or stopping:
+        checkpointer.save(step, state, data.get_state(), record)
+      if stopping:
+        raise Preempted(stage, step)
+    if pending is not None:
+      guard.update(pending[0], bool(pending[1]))
   finally:
     profiler.stop(state)
     reporter.close()
@@ -200,11 +205,21 @@ def _start(config: ExperimentConfig, stage: str, model: Llama, optimizer: Any, m
   return state, {"validation_before": evaluate(state.params, config, mesh, eval_step)}
 
 
-def train_stage(config: ExperimentConfig, stage_dir: pathlib.Path,
-                stage: str) -> dict[str, Any]:
+def _stop_if_requested(stop: StopSignal, stage: str, state: TrainState) -> None:
+  """Raises Preempted if `stop` was signalled (after training, whose end is saved)."""
+  if stop.requested():
+    raise Preempted(stage, int(jax.device_get(state.step)))
+
+
+def train_stage(config: ExperimentConfig, stage_dir: pathlib.Path, stage: str,
+                stop: StopSignal) -> dict[str, Any]:
   """Trains `config.model` (resuming if possible) and publishes it as a jbtx checkpoint.
 
   Returns the metrics that are also recorded in the checkpoint's `jbtx.json`.
+
+  Raises:
+    Preempted: when `stop` was signalled before the publish began; the stage's latest
+      checkpoint is saved (and complete) by then.
   """
   model = Llama(config.model)
   mesh = parallel.make_mesh(config.mesh)
@@ -223,13 +238,15 @@ def train_stage(config: ExperimentConfig, stage_dir: pathlib.Path,
                        stage_dir / HLO_DIR, "train_step")
       log(f"[{stage}] wrote {', '.join(map(str, paths))}")
     state = run_steps(config, stage_dir, stage, mesh, (train_step, eval_step), state, data,
-                      checkpointer, record)
+                      checkpointer, record, stop)
   finally:
     data.close()
-    checkpointer.close()
+    checkpointer.close()  # Waits for the last step's checkpoint to be complete.
+  _stop_if_requested(stop, stage, state)
   initial = record["validation_before"]
   final = evaluate(state.params, config, mesh, eval_step)
   sample = sample_text(model, state.params, config)
+  _stop_if_requested(stop, stage, state)
   result = {"steps": config.train.steps, "validation_before": initial, "validation": final,
             "sample": sample}
   log(f"[{stage}] validation loss {initial['loss']:.3f} -> {final['loss']:.3f} nats/token "
