@@ -76,14 +76,25 @@ def test_two_processes_split_each_global_batch(tmp_path):
   # They cover the data as the single-process stream does (test_data_packing).
   starts = [{t for b in h for t in _document_tags(b)} for h in halves]
   assert len(starts[0]) > 20 and len(starts[1]) > 20 and not starts[0] & starts[1]
-  # The two processes' states together resume a single-process run.
-  merged = shards[0].get_state()
-  merged["cursors"] |= shards[1].get_state()["cursors"]
+  # The two processes' states together resume one process, or four.
+  merged = pipeline.merge_states([s.get_state() for s in shards])
   resumed = pipeline.train_iterator(config, seed=0)
   resumed.set_state(merged)
-  _assert_same(take(resumed, 3), take(pipeline.train_iterator(config, seed=0), 15)[12:])
+  expected = take(pipeline.train_iterator(config, seed=0), 15)[12:]
+  _assert_same(take(resumed, 3), expected)
+  quarters = [pipeline.train_iterator(config, seed=0, process_index=p, process_count=4)
+              for p in range(4)]
+  for quarter in quarters:
+    quarter.set_state(merged)
+  batches = [take(q, 3) for q in quarters]
+  _assert_same([{k: np.concatenate([b[step][k] for b in batches]) for k in KEYS}
+                for step in range(3)], expected)
   with pytest.raises(ValueError, match="lacks the cursors"):
     resumed.set_state(shards[1].get_state())
+  with pytest.raises(ValueError, match="share rows"):
+    pipeline.merge_states([merged, shards[1].get_state()])
+  with pytest.raises(ValueError, match="differ in 'step': 12 vs 15"):
+    pipeline.merge_states([shards[0].get_state(), quarters[2].get_state()])
   with pytest.raises(ValueError, match="has seq_len 24, but this pipeline has 32"):
     pipeline.train_iterator(_three_domains(tmp_path, n_docs=200, seq_len=32),
                             seed=0).set_state(merged)

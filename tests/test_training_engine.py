@@ -1,12 +1,14 @@
 """Pure pieces of the training engine: FLOPs and MFU, config checks, cluster detection,
 log lines, and the checkpoint manager's retention and per-process data state."""
 
+import json
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 
 from configs import btx
 from jbtx.config import ConfigError, ExperimentConfig, TrainConfig, from_mapping
@@ -14,7 +16,7 @@ from jbtx.config.distributed import DistributedConfig
 from jbtx.distributed import cluster_detected, should_initialize
 from jbtx.models import presets
 from jbtx.training import metrics
-from jbtx.training.checkpointing import TrainCheckpointer
+from jbtx.training.checkpointing import ProcessJsonHandler, TrainCheckpointer
 from jbtx.training.reporting import format_line
 
 
@@ -84,10 +86,21 @@ def test_checkpointer_keeps_latest_and_every_kth_and_restores_data_state(tmp_pat
                           state)
   restored = TrainCheckpointer(tmp_path, TrainConfig()).restore_latest(abstract)
   assert restored.step == 9 and int(restored.state["step"]) == 9
-  assert restored.data_state == {"position": 9} and restored.record == {"note": "x"}
+  assert restored.data_states == [{"position": 9}] and restored.record == {"note": "x"}
   np.testing.assert_array_equal(restored.state["w"], state["w"])
   assert (jax.random.key_data(restored.state["rng"]) == jax.random.key_data(state["rng"])).all()
   assert TrainCheckpointer(tmp_path / "empty", TrainConfig()).restore_latest(abstract) is None
+
+
+def test_data_states_of_every_process_are_restored(tmp_path):
+  for i in (1, 0):
+    (tmp_path / f"process_{i}-of-2.json").write_text(json.dumps({"lane": i}))
+  handler = ProcessJsonHandler()
+  assert handler.restore(epath.Path(tmp_path)) == [{"lane": 0}, {"lane": 1}]
+  (tmp_path / "process_1-of-2.json").unlink()
+  with pytest.raises(FileNotFoundError, match=r"one process_<i>-of-<n>.json per process "
+                     r"of the job that saved; found process_0-of-2.json$"):
+    handler.restore(epath.Path(tmp_path))
 
 
 def test_publish_into_a_relative_stage_directory(tmp_path, monkeypatch):

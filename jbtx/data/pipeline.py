@@ -252,6 +252,28 @@ def train_iterator(config: DataConfig, *, seed: int, process_index: int = 0,
   return TrainIterator(_Producer(config, seed, lanes), config.prefetch)
 
 
+def merge_states(states: Sequence[Mapping]) -> dict:
+  """One iterator state holding the lanes of all `states`, the per-process states of
+  one job at one step; a job with any number of processes resumes from it.
+
+  Raises:
+    ValueError: if the states differ in anything but their lanes, or share a lane.
+  """
+  if not states:
+    raise ValueError("no data iterator states to merge")
+  merged = copy.deepcopy(dict(states[0]))
+  for other in states[1:]:
+    for key in merged.keys() - {"cursors"}:
+      if other.get(key) != merged[key]:
+        raise ValueError(f"the processes' data iterator states differ in {key!r}: "
+                         f"{merged[key]!r} vs {other.get(key)!r}")
+    shared = sorted(merged["cursors"].keys() & other["cursors"].keys(), key=int)
+    if shared:
+      raise ValueError(f"the processes' data iterator states share rows {shared[:4]}")
+    merged["cursors"] |= copy.deepcopy(dict(other["cursors"]))
+  return merged
+
+
 def _concatenated(tokenizer: Tokenizer, srcs: Sequence[sources.Source]):
   """Document number -> tokens `[n]` over `srcs` back to back, None past the end."""
   bounds = np.cumsum([0] + [len(s) for s in srcs])

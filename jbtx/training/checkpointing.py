@@ -3,6 +3,7 @@
     <stage>/checkpoints/<step>/state/     the TrainState (params, opt_state, step, rng),
                                           each array written by the processes holding it
     <stage>/checkpoints/<step>/data/      the data iterator state, one JSON file per process
+                                          (all are restored: any process count resumes)
     <stage>/checkpoints/<step>/record/    JSON facts of the run (e.g. the initial evaluation)
 
 Orbax writes a step under a temporary name (`<step>.orbax-checkpoint-tmp-*`) and renames
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import re
 from typing import Any
 
 import jax
@@ -26,26 +28,42 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from jbtx.config import TrainConfig
 
+_PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
 
 def _process_file(directory: epath.Path) -> epath.Path:
   return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
 
 class ProcessJsonHandler(ocp.CheckpointHandler):
-  """Saves a JSON-serialisable dict per process (each process's data iterator state)."""
+  """Saves a JSON-serialisable dict per process (each process's data iterator state);
+  restores all of them, so a job with another number of processes can resume."""
 
   def save(self, directory: epath.Path, args: ProcessJsonSave) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     _process_file(directory).write_text(json.dumps(args.state))
 
-  def restore(self, directory: epath.Path, args: ProcessJsonRestore | None = None) -> Any:
-    path = _process_file(directory)
-    if not path.exists():
-      written = sorted(p.name for p in directory.iterdir())
-      raise FileNotFoundError(
-          f"{path} is missing: the checkpoint was written by a job with a different "
-          f"number of processes (found {', '.join(written) or 'nothing'})")
-    return json.loads(path.read_text())
+  def restore(self, directory: epath.Path,
+              args: ProcessJsonRestore | None = None) -> list[dict[str, Any]]:
+    """The dicts of processes 0, 1, … of the job that saved.
+
+    Raises:
+      FileNotFoundError: if some process's file is missing or of another job size.
+    """
+    found = {}
+    for path in directory.iterdir():
+      match = _PROCESS_FILE.fullmatch(path.name)
+      if match:
+        found[int(match[1]), int(match[2])] = path
+    counts = {count for _, count in found}
+    expected = {(i, count) for count in counts for i in range(count)}
+    if len(counts) != 1 or set(found) != expected:
+      names = sorted(p.name for p in directory.iterdir())
+      raise FileNotFoundError(f"{directory} should hold one process_<i>-of-<n>.json per "
+                              f"process of the job that saved; found "
+                              f"{', '.join(names) or 'nothing'}")
+    return [json.loads(found[i, count].read_text())
+            for (i, count) in sorted(found)]
 
   def metadata(self, directory: epath.Path) -> None:
     return None
@@ -65,11 +83,12 @@ class ProcessJsonRestore(ocp.args.CheckpointArgs):
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
-  """What a checkpoint brings back: the train state, this process's data state, the record."""
+  """What a checkpoint brings back: the train state, the data states of the processes
+  that saved (in process order), the record."""
 
   step: int
   state: Any
-  data_state: dict[str, Any]
+  data_states: list[dict[str, Any]]
   record: dict[str, Any]
 
 

@@ -194,9 +194,11 @@ def _start(config: ExperimentConfig, stage: str, model: Llama, optimizer: Any, m
   """The train state and checkpoint record to continue from: restored, or fresh."""
   restored = checkpointer.restore_latest(abstract_train_state(model, optimizer, mesh))
   if restored is not None:
+    saved_by = len(restored.data_states)
     log(f"[{stage}] resuming from step {restored.step} "
-        f"({checkpointer.directory / str(restored.step)})")
-    data.set_state(restored.data_state)
+        f"({checkpointer.directory / str(restored.step)})"
+        + (f", saved by {saved_by} processes" if saved_by != jax.process_count() else ""))
+    data.set_state(pipeline.merge_states(restored.data_states))
     return restored.state, restored.record
   log(f"[{stage}] {config.model.num_params() / 1e6:.2f}M parameters, "
       f"{config.train.steps} steps of {config.data.batch_size}x{config.data.seq_len} "
