@@ -3,37 +3,43 @@
     python -m jbtx.train --config=configs/btx.py
 
 Stage implemented so far: `seed` — a tiny dense Llama trained from scratch on the four
-built-in demo domains (code, math, knowledge, general; byte tokens). Scale up with overrides, e.g.
---config.model.n_layers=8 --config.train.steps=2000.
+built-in demo domains (code, math, knowledge, general; byte tokens). The file lists
+every key of `jbtx.config.ExperimentConfig` (`to_config_dict`), so any can be
+overridden, e.g. --config.model.n_layers=8 --config.train.steps=2000
+--config.mesh.fsdp=2 (but not the sub-keys of `model.moe`, None for this dense model;
+configs/olmoe_tiny.py has them).
 """
 
 import ml_collections
-from ml_collections.config_dict import placeholder
 
+from jbtx.config import (
+    DataConfig,
+    ExperimentConfig,
+    OptimizerConfig,
+    TrainConfig,
+    to_config_dict,
+)
+from jbtx.config.data import DomainConfig, TokenizerConfig
 from jbtx.models import presets
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.model = presets.config_dict("tiny")
-  config.data = ml_collections.ConfigDict({
-      "domains": {name: {"source": "demo", "name": name, "weight": weight}
-                  for name, weight in [("code", 0.4), ("math", 0.3), ("knowledge", 0.1),
-                                       ("general", 0.2)]},
-      "tokenizer": {"type": "byte"}, "seq_len": 256, "batch_size": 16})
-  config.optimizer = ml_collections.ConfigDict(
-      {"learning_rate": 1e-3, "warmup_steps": 20, "min_lr_ratio": 0.1, "b1": 0.9,
-       "b2": 0.95, "weight_decay": 0.1, "grad_clip_norm": 1.0})
-  config.train = ml_collections.ConfigDict(
-      {"steps": 300, "log_every": 20, "eval_batches": 8, "eval_every": 0, "sample_prompt": "def ",
-       "sample_tokens": 80, "sample_temperature": 0.8, "checkpoint_every": 100,
-       "keep_last": 2, "keep_every": 0, "async_checkpoints": True, "max_skipped_steps": 10,
-       "peak_flops_per_device": 0.0, "tensorboard": True})
-  config.profile_steps = ""  # e.g. "10,15": trace steps 10-15 into seed/tensorboard/
-  config.dump_hlo = False
-  config.reuse_host_memory = True  # glibc keeps freed blocks for reuse (faster on CPU)
-  config.distributed = ml_collections.ConfigDict(
-      {"initialize": "auto", "coordinator_address": placeholder(str),
-       "num_processes": placeholder(int), "process_id": placeholder(int)})
-  return config
+  domains = {name: DomainConfig(source="demo", name=name, weight=weight)
+             for name, weight in [("code", 0.4), ("math", 0.3), ("knowledge", 0.1),
+                                  ("general", 0.2)]}
+  return to_config_dict(ExperimentConfig(
+      seed=0,
+      model=presets.get("tiny"),
+      data=DataConfig(domains=domains, tokenizer=TokenizerConfig(type="byte"), seq_len=256,
+                      batch_size=16),
+      optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=20, min_lr_ratio=0.1,
+                                b1=0.9, b2=0.95, weight_decay=0.1, grad_clip_norm=1.0),
+      train=TrainConfig(steps=300, log_every=20, eval_batches=8, eval_every=0,
+                        sample_prompt="def ", sample_tokens=80, sample_temperature=0.8,
+                        checkpoint_every=100, keep_last=2, keep_every=0,
+                        async_checkpoints=True, max_skipped_steps=10,
+                        peak_flops_per_device=0.0, tensorboard=True),
+      profile_steps="",  # e.g. "10,15": trace steps 10-15 into seed/tensorboard/
+      dump_hlo=False,
+      reuse_host_memory=True,  # glibc keeps freed blocks for reuse (faster on CPU)
+  ))

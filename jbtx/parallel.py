@@ -75,8 +75,12 @@ def _fill(sizes: Sequence[int], total: int, keys: Sequence[str], unit: str) -> t
 
 
 def _granules(devices: Sequence[jax.Device]) -> tuple[int, bool]:
-  """Number of DCN-connected groups (TPU slices, else processes) and whether by process."""
-  by_process = not hasattr(devices[0], "slice_index")
+  """Number of DCN-connected groups and whether they are processes.
+
+  The groups are the slices when the devices span several (TPU multi-slice), else the
+  processes: CPU and GPU devices, and those of one slice, all report slice 0.
+  """
+  by_process = len({getattr(d, "slice_index", 0) for d in devices}) == 1
   attr = "process_index" if by_process else "slice_index"
   return len({getattr(d, attr) for d in devices}), by_process
 

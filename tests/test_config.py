@@ -7,7 +7,15 @@ import sys
 import ml_collections
 import pytest
 
-from jbtx.config import ConfigError, ExperimentConfig, ModelConfig, from_mapping
+from configs import btx, olmoe_tiny
+from jbtx.config import (
+    ConfigError,
+    ExperimentConfig,
+    ModelConfig,
+    from_mapping,
+    to_config_dict,
+    to_dict,
+)
 from jbtx.models import presets
 
 
@@ -115,11 +123,41 @@ def test_integers_are_accepted_for_floats():
                       ).rope_theta == 500000.0
 
 
-def test_cli_rejects_bad_override_with_the_key(tmp_path):
+def _flat_keys(tree: dict, prefix: str = "") -> set[str]:
+  keys = set()
+  for name, value in tree.items():
+    if isinstance(value, dict) and value:
+      keys |= _flat_keys(value, f"{prefix}{name}.")
+    else:
+      keys.add(prefix + name)
+  return keys
+
+
+@pytest.mark.parametrize("experiment", [btx, olmoe_tiny])
+def test_experiment_files_list_every_key(experiment):
+  """So that every key can be overridden on the command line."""
+  raw = experiment.get_config()
+  config = from_mapping(ExperimentConfig, raw)
+  assert _flat_keys(to_dict(config)) <= _flat_keys(raw.to_dict())
+  assert from_mapping(ExperimentConfig, to_config_dict(config)) == config
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.model.n_kv_heads=3"], "'model.n_kv_heads': must divide n_heads (4), got 3"),
+    (["--config.mesh.fsdp=0"], "'mesh.fsdp': must be positive or -1 (fill), got 0"),
+    # Keys that are None by default parse as their type (placeholders).
+    (["--config.distributed.num_processes=2", "--config.distributed.process_id=2"],
+     "'distributed.process_id': must be below num_processes (2), got 2"),
+    (["--config.data.reweighting=loss", "--config.data.domains.code.reference_loss=1.5",
+      "--config.data.domains.math.reference_loss=1.5",
+      "--config.data.domains.general.reference_loss=1.5"],
+     "'data.domains.knowledge.reference_loss': dynamic re-weighting needs a reference"),
+])
+def test_cli_rejects_bad_override_with_the_key(tmp_path, overrides, message):
   result = subprocess.run(
       [sys.executable, "-m", "jbtx.train", "--config=configs/btx.py",
-       f"--workdir={tmp_path / 'run'}", "--config.model.n_kv_heads=3"],
+       f"--workdir={tmp_path / 'run'}", *overrides],
       capture_output=True, text=True, timeout=120)
-  assert result.returncode == 2
-  assert "config key 'model.n_kv_heads': must divide n_heads (4), got 3" in result.stderr
+  assert result.returncode == 2, result.stderr
+  assert f"error: config key {message}" in result.stderr
   assert not (tmp_path / "run").exists()  # nothing written for a rejected config

@@ -1,5 +1,6 @@
 """Two processes on localhost (`jax.distributed`, gloo CPU collectives, 2 devices each)
-train together and agree with one process on 4 devices, which can also resume them."""
+train together on a hybrid mesh (data split over the processes as over DCN) and agree
+with one process on 4 devices, which can also resume them."""
 
 import shutil
 import socket
@@ -32,13 +33,14 @@ def test_two_processes_match_one_process(tmp_path, run_env, uninterrupted_params
       subprocess.Popen(
           train_command(tmp_path, f"--config.distributed.coordinator_address={address}",
                         "--config.distributed.num_processes=2",
-                        f"--config.distributed.process_id={i}"),
+                        f"--config.distributed.process_id={i}",
+                        "--config.mesh.dcn_data=2"),  # A hybrid mesh: data = 2 (DCN) x 2
           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
       for i in range(2)]
   outputs = [p.communicate(timeout=300)[0] for p in processes]
   for p, output in zip(processes, outputs, strict=True):
     assert p.returncode == 0, output
-  assert "on 4 devices" in outputs[0] and "[seed] step    40" in outputs[0]
+  assert "on 4 devices, mesh {'data': 4," in outputs[0] and "[seed] step    40" in outputs[0]
   assert "[seed] step" not in outputs[1]  # Only process 0 reports.
   assert sorted(p.name for p in (tmp_path / "seed" / "checkpoints" / "40" / "data").iterdir()
                 if p.suffix == ".json") == ["process_0-of-2.json", "process_1-of-2.json"]

@@ -1,12 +1,12 @@
 """Typed, validated configuration, one module per concern.
 
-`base` holds the ConfigDict -> dataclass machinery (`from_mapping`, `ConfigError`);
-`model`, `data`, `optimizer`, `parallel` (the mesh), `training` and `experiment` hold
-the dataclasses. Import them from here: `from jbtx.config import ExperimentConfig,
+`base` holds the ConfigDict <-> dataclass machinery (`from_mapping`, `ConfigError`,
+`to_config_dict`); `model`, `data`, `optimizer`, `parallel` (the mesh), `training` and
+`experiment` hold the dataclasses. Import them from here: `from jbtx.config import ExperimentConfig,
 from_mapping`.
 """
 
-from jbtx.config.base import ConfigError, from_mapping, to_dict
+from jbtx.config.base import ConfigError, from_mapping, to_config_dict, to_dict
 from jbtx.config.data import DataConfig
 from jbtx.config.experiment import BYTE_VOCAB_SIZE, ExperimentConfig
 from jbtx.config.model import ModelConfig, MoEConfig
@@ -26,5 +26,6 @@ __all__ = [
     "OptimizerConfig",
     "TrainConfig",
     "from_mapping",
+    "to_config_dict",
     "to_dict",
 ]

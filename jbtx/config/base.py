@@ -15,6 +15,9 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
 
+import ml_collections
+from ml_collections.config_dict import placeholder
+
 T = TypeVar("T")
 
 
@@ -148,3 +151,28 @@ def _coerce_tuple(args: tuple[Any, ...], value: Any, key: str) -> tuple[Any, ...
 def to_dict(config: Any) -> dict[str, Any]:
   """The plain-dict form of a config dataclass (inverse of `from_mapping`)."""
   return dataclasses.asdict(config)
+
+
+def to_config_dict(config: Any) -> ml_collections.ConfigDict:
+  """A config dataclass as an `ml_collections.ConfigDict` listing every key, for
+  experiment files: each key can then be overridden with `--config.KEY=VALUE`.
+
+  A field that is None but typed `X | None` for a plain X (str, int, float, bool)
+  becomes a placeholder of X, still None but typed, so that the command line can set
+  it; one typed as a nested config (e.g. `model.moe`) stays None.
+  """
+  hints = typing.get_type_hints(type(config))
+  entries = {}
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if dataclasses.is_dataclass(value):
+      value = to_config_dict(value)
+    elif isinstance(value, dict):
+      value = ml_collections.ConfigDict(
+          {k: to_config_dict(v) if dataclasses.is_dataclass(v) else v
+           for k, v in value.items()})
+    elif value is None:
+      plain = [a for a in typing.get_args(hints[field.name]) if a in (str, int, float, bool)]
+      value = placeholder(plain[0]) if plain else None
+    entries[field.name] = value
+  return ml_collections.ConfigDict(entries)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from jbtx.config import ModelConfig, MoEConfig
+from jbtx.config import ModelConfig, MoEConfig, to_config_dict
 
 _LLAMA2 = dict(vocab_size=32000, rope_theta=10000.0, norm_eps=1e-5, max_seq_len=4096)
 
@@ -66,4 +66,4 @@ def get(name: str, **overrides) -> ModelConfig:
 
 def config_dict(name: str, **overrides) -> ml_collections.ConfigDict:
   """The preset as a ConfigDict, for experiment files (`config.model = config_dict(...)`)."""
-  return ml_collections.ConfigDict(dataclasses.asdict(get(name, **overrides)))
+  return to_config_dict(get(name, **overrides))
