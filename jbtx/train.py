@@ -74,6 +74,10 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/btx.py")
+  if _WORKDIR.value and "://" in _WORKDIR.value:
+    raise app.UsageError(f"--workdir={_WORKDIR.value}: jbtx writes through the local file "
+                         "system; mount the bucket (e.g. gcsfuse on every host) and pass "
+                         "the mount's path")
   try:
     config = from_mapping(ExperimentConfig, _CONFIG.value)
   except ConfigError as e:

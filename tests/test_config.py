@@ -161,3 +161,11 @@ def test_cli_rejects_bad_override_with_the_key(tmp_path, overrides, message):
   assert result.returncode == 2, result.stderr
   assert f"error: config key {message}" in result.stderr
   assert not (tmp_path / "run").exists()  # nothing written for a rejected config
+
+
+def test_cli_refuses_a_url_workdir_with_advice():
+  result = subprocess.run(
+      [sys.executable, "-m", "jbtx.train", "--config=configs/btx.py",
+       "--workdir=gs://bucket/run"], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert "--workdir=gs://bucket/run: jbtx writes through the local file system" in result.stderr
