@@ -2,8 +2,8 @@
 
 `base` holds the ConfigDict <-> dataclass machinery (`from_mapping`, `ConfigError`,
 `to_config_dict`); `model`, `data`, `optimizer`, `parallel` (the mesh), `training` and
-`experiment` hold the dataclasses. Import them from here: `from jbtx.config import ExperimentConfig,
-from_mapping`.
+`experiment` hold the dataclasses. Import them from here:
+`from jbtx.config import ExperimentConfig, from_mapping`.
 """
 
 from jbtx.config.base import ConfigError, from_mapping, to_config_dict, to_dict

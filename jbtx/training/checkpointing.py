@@ -62,8 +62,7 @@ class ProcessJsonHandler(ocp.CheckpointHandler):
       raise FileNotFoundError(f"{directory} should hold one process_<i>-of-<n>.json per "
                               f"process of the job that saved; found "
                               f"{', '.join(names) or 'nothing'}")
-    return [json.loads(found[i, count].read_text())
-            for (i, count) in sorted(found)]
+    return [json.loads(found[key].read_text()) for key in sorted(found)]
 
   def metadata(self, directory: epath.Path) -> None:
     return None
