@@ -52,7 +52,10 @@ def test_two_processes_match_one_process(tmp_path, run_env, uninterrupted_params
   seed = tmp_path / "seed"
   for published in (seed / checkpoint.CONFIG_FILE, seed / checkpoint.PARAMS_DIR,
                     seed / "checkpoints" / "40"):
-    shutil.rmtree(published) if published.is_dir() else published.unlink()
+    if published.is_dir():
+      shutil.rmtree(published)
+    else:
+      published.unlink()
   result = train(tmp_path, run_env)
   assert result.returncode == 0, result.stderr
   assert "resuming from step 35 " in result.stdout

@@ -1,5 +1,6 @@
 """Resumable training: kill -9, torn checkpoint writes, SIGTERM, and runs of skipped steps."""
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ import pytest
 
 from configs import btx
 from jbtx import checkpoint, parallel
-from jbtx.config import ExperimentConfig, from_mapping
+from jbtx.config import ConfigError, ExperimentConfig, from_mapping
 from jbtx.training import loop
 from jbtx.training.checkpointing import TrainCheckpointer
 from jbtx.training.guards import StopSignal
@@ -159,6 +160,13 @@ def test_signals_outside_the_steps_stop_at_the_next_safe_point(tmp_path, monkeyp
   # During the evaluation before training: the run stops after step 1, saving it.
   with pytest.raises(loop.Preempted, match="stopped by signal after step 1;"):
     run_stage(evaluate=loop.evaluate)
+  assert _complete_steps(checkpoints) == [1]
+  # A changed data config cannot continue the saved stream: a clear error, nothing lost.
+  resized = dataclasses.replace(config, data=dataclasses.replace(config.data, batch_size=16))
+  with pytest.raises(ConfigError, match=r"'data': cannot resume from .*checkpoints/1: data "
+                     r"iterator state has batch_size 8, but this pipeline has 16"), \
+      StopSignal() as stop:
+    loop.train_stage(resized, tmp_path, "test", stop)
   assert _complete_steps(checkpoints) == [1]
   # During the final evaluation, once step 3 is saved: no publish.
   with pytest.raises(loop.Preempted, match="stopped by signal after step 3;"):

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from jbtx.config.base import ConfigError
 from jbtx.config.data import DataConfig, DomainConfig
 from jbtx.data import demo, mixture, packing, sources
 from jbtx.data.tokenizers import Tokenizer, make
@@ -63,8 +64,8 @@ def _lanes(batch_size: int, process_index: int, process_count: int) -> range:
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   if batch_size % process_count:
-    raise ValueError(f"config key 'data.batch_size': must be divisible by the process "
-                     f"count ({process_count}), got {batch_size}")
+    raise ConfigError("data.batch_size", f"must be divisible by the process count "
+                                         f"({process_count}), got {batch_size}")
   per = batch_size // process_count
   return range(process_index * per, (process_index + 1) * per)
 

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from orbax.checkpoint import v1 as ocp_v1
 
 from jbtx import checkpoint, parallel
-from jbtx.config import ExperimentConfig, ModelConfig
+from jbtx.config import ConfigError, ExperimentConfig, ModelConfig
 from jbtx.config.training import profile_window
 from jbtx.data import pipeline
 from jbtx.models.llama import Llama
@@ -194,11 +194,13 @@ def _start(config: ExperimentConfig, stage: str, model: Llama, optimizer: Any, m
   """The train state and checkpoint record to continue from: restored, or fresh."""
   restored = checkpointer.restore_latest(abstract_train_state(model, optimizer, mesh))
   if restored is not None:
-    saved_by = len(restored.data_states)
-    log(f"[{stage}] resuming from step {restored.step} "
-        f"({checkpointer.directory / str(restored.step)})"
+    saved_by, path = len(restored.data_states), checkpointer.directory / str(restored.step)
+    log(f"[{stage}] resuming from step {restored.step} ({path})"
         + (f", saved by {saved_by} processes" if saved_by != jax.process_count() else ""))
-    data.set_state(pipeline.merge_states(restored.data_states))
+    try:
+      data.set_state(pipeline.merge_states(restored.data_states))
+    except ValueError as e:  # e.g. data.batch_size or the domains changed since the save
+      raise ConfigError("data", f"cannot resume from {path}: {e}") from None
     return restored.state, restored.record
   log(f"[{stage}] {config.model.num_params() / 1e6:.2f}M parameters, "
       f"{config.train.steps} steps of {config.data.batch_size}x{config.data.seq_len} "
