@@ -83,6 +83,43 @@ def assert_matches_oracle(layer, oracle, x, router, experts):
   assert float(jnp.abs(want_grads[1]).max()) > 0  # the router does receive gradient
 
 
+@pytest.mark.parametrize("n_experts", [7, 2**26])  # the packed key, and argsort's fallback
+def test_sort_by_expert_is_a_stable_sort_with_its_inverse(n_experts):
+  experts = jax.random.randint(jax.random.key(4), (257,), 0, min(n_experts, 7))
+  order = dispatch.sort_by_expert(experts, n_experts)
+  np.testing.assert_array_equal(order, np.argsort(np.asarray(experts), kind="stable"))
+  assert order.dtype == jnp.int32
+  inverse = dispatch.inverse_permutation(order)
+  np.testing.assert_array_equal(inverse[order], np.arange(257))
+
+
+def test_blocked_rounds_nearly_full_blocks_up_and_stays_exact():
+  # Blocks (16, 4) with FULL_BLOCK_FILL 7/8: groups of 14 and 15 rows run as one padded
+  # 16-row block, 31 as two, 1 and 3 as one 4-row block; the last group, 16 + 1 rows,
+  # runs past the end by the most any group can (3 rows).
+  sizes = [15, 0, 14, 31, 3, 1, 17]
+  assert dispatch._overrun((16, 4)) == 3
+  n_experts, n_tokens = len(sizes), sum(sizes)
+  assignment = np.random.default_rng(0).permutation(np.repeat(np.arange(n_experts), sizes))
+  keys = jax.random.split(jax.random.key(5), 6)
+  x = jax.random.normal(keys[0], (n_tokens, D))
+  experts = Experts(*(0.3 * jax.random.normal(k, s) for k, s in zip(
+      keys[1:4], [(n_experts, D, F), (n_experts, D, F), (n_experts, F, D)], strict=True)))
+  weights = jax.random.uniform(keys[4], (n_tokens, 1), minval=0.1)
+  cotangent = jax.random.normal(keys[5], (n_tokens, D))
+
+  def value_and_grads(path):
+    def loss(x, weights, experts):
+      out = path(x, Routing(jnp.asarray(assignment[:, None], jnp.int32), weights), experts)
+      return jnp.sum(out * cotangent)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, weights, experts)
+
+  got = value_and_grads(lambda *a: dispatch.blocked(*a, blocks=(16, 4)))
+  want = value_and_grads(dispatch.loop)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(g, w, atol=TOL, rtol=0)
+
+
 def test_capacity_drops_exactly_the_assignments_over_capacity():
   x, router, experts = _inputs(1)
   choice = routing.route(x @ router + BIAS, ROUTINGS["topk2"])

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jbtx.models.dispatch import Experts
+from jbtx.models.dispatch import Experts, sort_by_expert
 from jbtx.models.routing import Routing
 from jbtx.parallel import BATCH_AXES
 
@@ -78,7 +78,7 @@ def _exchange(x: jax.Array, routing: Routing, experts: Experts, local: LocalDisp
   n_local = experts.gate.shape[0]
   rows = n_tokens * k
   flat = routing.experts.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
+  order = sort_by_expert(flat, n_local * n_shards)
   expert = flat[order]
   dest = expert // n_local  # destination shard of each sorted assignment, ascending
   counts = jnp.bincount(dest, length=n_shards)
