@@ -17,10 +17,12 @@ see the same machine load; a path's ratio is the median of its times over the me
 of the baseline times interleaved with it. A path stops repeating once it has used
 `--max-seconds` (after at least one timed call). "*" marks the path that
 `dispatch="auto"` resolves to. The target is a ratio <= 1.3 for that path; ideal is
-1.0, and dense (every expert on every token) costs about E/k. A last row,
-"(balanced)", times E batched expert SwiGLUs of exactly T·k/E rows each (no routing,
-no gather or scatter): what the backend's matmuls cost at the experts' shapes, a floor
-no exact path can beat by much. "expert_choice" is a different routing at the same
+1.0, and dense (every expert on every token) costs about E/k. Two last rows time
+the experts alone at perfect balance, on exactly T·k/E contiguous rows each (no
+routing, no gather or scatter): "(balanced)" as E batched SwiGLUs, "(scanned)" one
+expert after another with gate and up fused, as the blocked path runs them. They are
+what the backend's matmuls cost at the experts' shapes, a floor no exact path can beat
+by much. "expert_choice" is a different routing at the same
 compute (each expert takes C = T·k/E tokens per group; `routing.expert_choice`).
 
 The process keeps freed host memory for reuse (`jbtx.host_memory`, as `jbtx.train`
@@ -176,13 +178,27 @@ def run_config(name: str, sizes: dict, args: argparse.Namespace) -> None:
     h = jax.nn.silu(jnp.einsum("erd,edf->erf", xs, gate)) * jnp.einsum("erd,edf->erf", xs, up)
     return jnp.sum(jnp.einsum("erf,efd->erd", h, down).astype(jnp.float32))
 
-  grouped = jax.jit(jax.value_and_grad(grouped_loss, argnums=(0, 1, 2, 3)))
-  grouped_args = (grouped_x, *experts)
-  jax.block_until_ready(grouped(*grouped_args))
-  seconds, base, runs = _interleaved(grouped, grouped_args, baseline, baseline_args, args)
-  print(f"{'(balanced)':<12}{seconds:>10.3f}{base:>14.3f}{seconds / base:>8.2f}"
-        f"{flops / seconds / 1e12:>9.3f}  {runs} runs, reference: {n_experts} batched "
-        f"expert SwiGLUs of {rows} rows each, no routing (a floor for exact paths)")
+  # The same experts one after another (a scan, as the blocked path runs them), gate
+  # and up fused into one matmul: the blocked path without routing, gather or scatter.
+  def scanned_loss(xs, gate, up, down):
+    def expert(total, inputs):
+      rows, gate, up, down = inputs
+      gate_up = rows @ jnp.concatenate([gate, up], axis=-1)
+      h = jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]
+      return total + jnp.sum((h @ down).astype(jnp.float32)), None
+    return jax.lax.scan(expert, jnp.zeros((), jnp.float32), (xs, gate, up, down))[0]
+
+  references = {
+      "(balanced)": (grouped_loss, f"{n_experts} batched expert SwiGLUs of {rows} rows each"),
+      "(scanned)": (scanned_loss, "the same, one expert after another (lax.scan), gate|up fused"),
+  }
+  for label, (reference_loss, what) in references.items():
+    reference = jax.jit(jax.value_and_grad(reference_loss, argnums=(0, 1, 2, 3)))
+    reference_args = (grouped_x, *experts)
+    jax.block_until_ready(reference(*reference_args))
+    seconds, base, runs = _interleaved(reference, reference_args, baseline, baseline_args, args)
+    print(f"{label:<12}{seconds:>10.3f}{base:>14.3f}{seconds / base:>8.2f}"
+          f"{flops / seconds / 1e12:>9.3f}  {runs} runs, reference: {what}, no routing")
 
 
 def main() -> None:

@@ -23,6 +23,9 @@ The dense equivalents (on by default; `--no-dense-equivalent` skips them) replac
 MoE layer by one SwiGLU of width k·d_ff, the same active FLOPs: jbtx's `Llama` without
 `moe`, and `LlamaForCausalLM`. Their ratio is the same comparison with no routing or
 dispatch at all, i.e. how XLA's and PyTorch's CPU kernels compare on this model.
+The last line, jbtx's dense equivalent over HF's MoE step, bounds the MoE ratio: an
+MoE layer does the dense FFN's FLOPs in smaller matmuls, plus routing, so jbtx's MoE
+step is not expected to beat its dense equivalent.
 
 The process keeps freed host memory for reuse (`jbtx.host_memory`, as `jbtx.train`
 does; it serves both frameworks); `--no-reuse-host-memory` keeps glibc's defaults, under
@@ -174,6 +177,8 @@ def main() -> None:
     dense_ours, dense_theirs = list(rates.values())[2:]
     print(f"{'ratio, dense equivalents:':<34}{dense_ours / dense_theirs:10.2f}  "
           "(the same comparison without MoE layers)")
+    print(f"{'bound, jbtx dense / HF Mixtral:':<34}{dense_ours / theirs:10.2f}  "
+          "(the ratio if jbtx's MoE layers cost no more than its dense FFN)")
 
 
 if __name__ == "__main__":

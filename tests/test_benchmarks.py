@@ -1,4 +1,4 @@
-"""The MFU benchmark, which a GPU session runs at 1B scale, runs end to end on CPU."""
+"""The benchmarks run end to end on CPU at tiny sizes (the MFU one runs at 1B scale on a GPU)."""
 
 import pathlib
 import re
@@ -36,3 +36,16 @@ def test_mfu_benchmark_needs_a_peak_for_unknown_devices():
 def test_mfu_benchmark_names_a_batch_the_devices_do_not_divide():
   run = _mfu("--peak-tflops=0.05", "--batch=3")  # after TINY's --batch=8: the last wins
   assert run.returncode == 2 and "--batch=3 must be divisible by the 8 devices" in run.stderr
+
+
+def test_moe_layer_benchmark_times_every_path_and_both_references():
+  tiny = ["--config=olmoe", "--tokens=256", "--d-model=32", "--d-ff=16", "--experts=8",
+          "--top-k=2", "--repeats=1", "--capacity-group-size=64",
+          "--paths=blocked,capacity,dense,loop,expert_choice"]
+  run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), *tiny],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert run.returncode == 0, run.stderr
+  rows = dict(re.findall(r"^(\S+(?: \*)?) +[\d.]+ +[\d.]+ +([\d.]+) ", run.stdout, re.M))
+  assert set(rows) == {"blocked *", "capacity", "dense", "loop", "expert_choice", "(balanced)",
+                       "(scanned)"}, run.stdout
+  assert all(float(ratio) > 0 for ratio in rows.values())
