@@ -126,8 +126,9 @@ def expert_choice(x: jax.Array, choice: ExpertChoice, experts: Experts) -> jax.A
 # Row blocks of the blocked path, largest first: each expert's rows are covered by as
 # many whole blocks of each size as fit, the last size rounding up. A remainder of at
 # least FULL_BLOCK_FILL of a block also runs as one whole block, padded: one 1024-row
-# matmul on 900 rows is cheaper than 3 of 256 and 2 of 64 (5% of the fine-grained
-# layer's time in `benchmarks/moe_layer.py`). XLA:CPU matmuls are efficient from ~1024 rows.
+# matmul on 900 rows is cheaper than 3 of 256 and 2 of 64 (4-6% of the fine-grained
+# layer's fwd+bwd time at the OLMoE shape of `benchmarks/moe_layer.py`, timed against the
+# previous rule in one process). XLA:CPU matmuls are efficient from ~1024 rows.
 BLOCKS = (1024, 256, 64)
 FULL_BLOCK_FILL = 7 / 8
 
