@@ -98,6 +98,8 @@ def test_blocked_rounds_nearly_full_blocks_up_and_stays_exact():
   # 16-row block, 31 as two, 1 and 3 as one 4-row block; the last group, 16 + 1 rows,
   # runs past the end by the most any group can (3 rows).
   sizes = [15, 0, 14, 31, 3, 1, 17]
+  plans = [[int(c) for c in dispatch._block_counts(size, (16, 4))] for size in [*sizes, 13]]
+  assert plans == [[1, 0], [0, 0], [1, 0], [2, 0], [0, 1], [0, 1], [1, 1], [0, 4]]  # 13 < 14
   assert dispatch._overrun((16, 4)) == 3
   n_experts, n_tokens = len(sizes), sum(sizes)
   assignment = np.random.default_rng(0).permutation(np.repeat(np.arange(n_experts), sizes))

@@ -143,6 +143,16 @@ def _overrun(blocks: tuple[int, ...]) -> int:
   return max(_slack(b, i == len(blocks) - 1) for i, b in enumerate(blocks))
 
 
+def _block_counts(size, blocks: tuple[int, ...]) -> list:
+  """How many blocks of each size cover a group of `size` rows (an int or int32 scalar)."""
+  counts, rest = [], size
+  for i, block in enumerate(blocks):
+    count = (rest + _slack(block, i == len(blocks) - 1)) // block
+    counts.append(count)
+    rest = jnp.maximum(rest - count * block, 0)
+  return counts
+
+
 def blocked(x: jax.Array, routing: Routing, experts: Experts,
             blocks: tuple[int, ...] = BLOCKS) -> jax.Array:
   """Sort by expert + a loop over row blocks per expert (fused SwiGLU); no capacity."""
@@ -192,9 +202,8 @@ def _for_each_block(group_sizes: jax.Array, blocks: tuple[int, ...], experts: Ex
   def group(carry, xs):
     start, size, gate, up, down = xs
     w = (jnp.concatenate([gate, up], axis=-1), down)
-    state, first, rest = (carry, acc), start, size
-    for i, block in enumerate(blocks):
-      count = (rest + _slack(block, i == len(blocks) - 1)) // block
+    state, first = (carry, acc), start
+    for block, count in zip(blocks, _block_counts(size, blocks), strict=True):
 
       def body(j, state, block=block, first=first):
         lo = first + j * block
@@ -202,7 +211,7 @@ def _for_each_block(group_sizes: jax.Array, blocks: tuple[int, ...], experts: Ex
         return step(*state, w, lo, block, valid)
 
       state = lax.fori_loop(0, count, body, state)
-      first, rest = first + count * block, jnp.maximum(rest - count * block, 0)
+      first = first + count * block
     carry, acc_out = state
     return carry, finish(acc_out)
 
