@@ -21,8 +21,8 @@ of the baseline times interleaved with it. A path stops repeating once it has us
 the experts alone at perfect balance, on exactly T·k/E contiguous rows each (no
 routing, no gather or scatter): "(balanced)" as E batched SwiGLUs, "(scanned)" one
 expert after another with gate and up fused, as the blocked path runs them. They are
-what the backend's matmuls cost at the experts' shapes, a floor no exact path can beat
-by much. "expert_choice" is a different routing at the same
+what the experts' SwiGLUs (matmuls and elementwise work) cost at these shapes, a floor
+no exact path can beat by much. "expert_choice" is a different routing at the same
 compute (each expert takes C = T·k/E tokens per group; `routing.expert_choice`).
 
 The process keeps freed host memory for reuse (`jbtx.host_memory`, as `jbtx.train`
@@ -169,8 +169,8 @@ def run_config(name: str, sizes: dict, args: argparse.Namespace) -> None:
     print(f"{label:<12}{seconds:>10.3f}{base:>14.3f}{seconds / base:>8.2f}"
           f"{flops / seconds / 1e12:>9.3f}  {', '.join(notes)}")
 
-  # What the backend's matmuls alone cost at the experts' shapes: E batched SwiGLUs of
-  # exactly T·k/E rows each (perfect balance, no routing, no gather or scatter).
+  # What the experts' SwiGLUs alone cost at their shapes: E batched SwiGLUs of exactly
+  # T·k/E rows each (perfect balance, no routing, no gather or scatter).
   rows = tokens * k // n_experts
   grouped_x = _normal(keys[0], (n_experts, rows, d), dtype, 1)
 

@@ -126,7 +126,7 @@ def expert_choice(x: jax.Array, choice: ExpertChoice, experts: Experts) -> jax.A
 # Row blocks of the blocked path, largest first: each expert's rows are covered by as
 # many whole blocks of each size as fit, the last size rounding up. A remainder of at
 # least FULL_BLOCK_FILL of a block also runs as one whole block, padded: one 1024-row
-# matmul on 900 rows is cheaper than 3 of 256 and 2 of 64 (4-6% of the fine-grained
+# matmul on 900 rows is cheaper than 3 of 256 and 3 of 64 (4-6% of the fine-grained
 # layer's fwd+bwd time at the OLMoE shape of `benchmarks/moe_layer.py`, timed against the
 # previous rule in one process). XLA:CPU matmuls are efficient from ~1024 rows.
 BLOCKS = (1024, 256, 64)
@@ -143,7 +143,7 @@ def _overrun(blocks: tuple[int, ...]) -> int:
   return max(_slack(b, i == len(blocks) - 1) for i, b in enumerate(blocks))
 
 
-def _block_counts(size, blocks: tuple[int, ...]) -> list:
+def _block_counts(size: int | jax.Array, blocks: tuple[int, ...]) -> list:
   """How many blocks of each size cover a group of `size` rows (an int or int32 scalar)."""
   counts, rest = [], size
   for i, block in enumerate(blocks):
