@@ -11,7 +11,7 @@ from jbtx import parallel
 from jbtx.config import MeshConfig, MoEConfig, OptimizerConfig
 from jbtx.models import presets
 from jbtx.models.llama import Llama, init_params
-from jbtx.models.moe import aux_loss, collect_moe_stats
+from jbtx.models.moe import aux_loss, collect_moe_stats, collect_router_logits
 from jbtx.training.optimizer import make_optimizer, parameter_group
 from jbtx.training.step import TrainState, make_train_step
 from tests.decoding import decode_in_steps
@@ -56,6 +56,10 @@ def test_scanned_and_unrolled_moe_decoders_agree(every):
   assert stats_a["expert_load"].shape == (groups, cfg.moe.n_experts)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), stats_a, stats_b)
   np.testing.assert_allclose(stats_a["expert_load"].sum(-1), 1.0, rtol=1e-6)
+  logits_a = collect_router_logits(state_a["intermediates"])
+  assert logits_a.shape == (groups, tokens.size, cfg.moe.n_experts)
+  np.testing.assert_allclose(logits_a, collect_router_logits(state_b["intermediates"]),
+                             atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("path", ["dense", "dropless", "capacity"])

@@ -6,7 +6,6 @@ import json
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
@@ -17,6 +16,7 @@ from jbtx.config import ModelConfig, MoEConfig
 from jbtx.interop import hf_llama
 from jbtx.interop.llama_hf import ConversionError
 from jbtx.models import llama, routing
+from jbtx.models.moe import collect_router_logits
 from tests import llama_fixtures as fx
 
 torch = fx.torch
@@ -44,12 +44,7 @@ def _jbtx_forward(directory, tokens):
   model, params = jbtx.load(directory)
   apply = jax.jit(lambda p, t: model.apply({"params": p}, t, mutable=["intermediates"]))
   logits, state = apply(params, tokens)
-  sown = state["intermediates"]
-  if model.config.scan_layers:
-    router_logits = sown["layers"]["moe"]["router_logits"][0]
-  else:
-    router_logits = jnp.stack([sown[f"layers_{i}"]["moe"]["router_logits"][0]
-                               for i in range(model.config.n_layers)])
+  router_logits = collect_router_logits(state["intermediates"])
   return np.asarray(logits), router_logits, model.config, params
 
 

@@ -20,6 +20,7 @@ top1_gate, dropped_fraction) and "router_logits"; `collect_moe_stats` gathers th
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -140,27 +141,49 @@ class MoE(nn.Module):
                                       moe.capacity_group_size)
 
 
+def _sown_per_layer(intermediates: Any, name: str, is_scanned: Callable[[Any], bool]) -> list:
+  """The values sown as `name` by the MoE layers, in layer order, each `[layers, …]`.
+
+  A scanned stack sows one value with a leading layer axis; an unrolled layer sows its
+  own, which gets a layer axis of 1.
+  """
+  found = []
+
+  def visit(tree: dict) -> None:
+    for key, value in tree.items():
+      if key == name:
+        found.append(value[0] if is_scanned(value[0])
+                     else jax.tree.map(lambda v: v[None], value[0]))
+      elif isinstance(value, dict):
+        visit(value)
+
+  visit(intermediates)
+  return found
+
+
 def collect_moe_stats(intermediates: Any) -> dict[str, jax.Array]:
   """Per-layer MoE statistics from an "intermediates" collection, stacked `[layers, …]`.
 
   Works for scanned models (values already carry a layer axis) and unrolled ones.
   Returns {} for a dense model.
   """
-  found = []
-
-  def visit(tree: dict) -> None:
-    for key, value in tree.items():
-      if key == "moe_stats":
-        stats = value[0]
-        scanned = stats["load_balance_loss"].ndim == 1
-        found.append(stats if scanned else jax.tree.map(lambda v: v[None], stats))
-      elif isinstance(value, dict):
-        visit(value)
-
-  visit(intermediates)
+  found = _sown_per_layer(intermediates, "moe_stats",
+                          lambda stats: stats["load_balance_loss"].ndim == 1)
   if not found:
     return {}
   return jax.tree.map(lambda *v: jnp.concatenate(v, axis=0), *found)
+
+
+def collect_router_logits(intermediates: Any) -> jax.Array:
+  """Router logits of every MoE layer, float32 `[layers, batch·seq, experts]`.
+
+  From the "intermediates" of `model.apply(..., mutable=["intermediates"])`; raises
+  ValueError for a model without MoE layers.
+  """
+  found = _sown_per_layer(intermediates, "router_logits", lambda logits: logits.ndim == 3)
+  if not found:
+    raise ValueError("no router logits in these intermediates: the model has no MoE layers")
+  return jnp.concatenate(found, axis=0)
 
 
 def aux_loss(stats: dict[str, jax.Array], config: ModelConfig) -> jax.Array:
