@@ -1,0 +1,90 @@
+"""Which experts a trained MoE model's tokens go to, per layer and per domain.
+
+    logits = router_logits(model, params, batch)          # [layers, tokens, E]
+    loads = expert_loads(logits, model.config.moe)        # [layers, E], rows sum to 1
+    usage = domain_loads(model, params, data_config, "validation", max_batches=4)
+    divergence = load_divergence(usage)                   # {domain: [layers]} in nats
+
+The routing of the analysis is the model's own (`routing.route` with its MoE config),
+without training-time noise (router jitter, Gumbel sampling). Padding tokens
+(segment id 0) are left out. `notebooks/routing.ipynb` plots these.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from jbtx.config import DataConfig, MoEConfig
+from jbtx.data import pipeline
+from jbtx.models import routing
+from jbtx.models.moe import collect_router_logits
+
+
+def router_logits(model: nn.Module, params: Any, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+  """Float32 router logits `[layers, real tokens, E]` of a packed batch's real tokens.
+
+  Args:
+    model: a jbtx decoder with MoE layers (`Llama` with `config.moe` set).
+    params: its parameters.
+    batch: `tokens`, `segment_ids` and `positions`, int `[batch, seq]`, as the data
+      pipeline yields them.
+  """
+  logits = np.asarray(_sown_logits(model, params, batch["tokens"], batch["positions"],
+                                   batch["segment_ids"]))
+  return logits[:, np.asarray(batch["segment_ids"]).reshape(-1) > 0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _sown_logits(model: nn.Module, params: Any, tokens: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array) -> jax.Array:
+  _, state = model.apply({"params": params}, tokens, positions, segment_ids,
+                         mutable=["intermediates"])
+  return collect_router_logits(state["intermediates"])
+
+
+def expert_loads(logits: np.ndarray, config: MoEConfig) -> np.ndarray:
+  """Fraction of the routed assignments `[layers, E]` that each expert receives.
+
+  Args:
+    logits: router logits `[layers, tokens, E]`.
+    config: the MoE config whose routing decides (top-k, softmax-then-top-k, ...).
+  """
+  n_experts = logits.shape[-1]
+  fractions = [routing.assignment_fractions(routing.route(layer, config), n_experts)
+               for layer in np.asarray(logits, np.float32)]
+  return np.stack([np.asarray(f) for f in fractions])
+
+
+def domain_loads(model: nn.Module, params: Any, data: DataConfig, split: str,
+                 max_batches: int) -> dict[str, np.ndarray]:
+  """Expert loads `[layers, E]` of each domain of `data`, over its first `max_batches`
+  evaluation batches of `split` (as packed for training: `data.batch_size` rows of
+  `data.seq_len` tokens)."""
+  config = model.config.moe
+  if config is None:
+    raise ValueError("domain_loads: the model has no MoE layers (config.moe is None)")
+  loads = {}
+  for domain in data.domains:
+    batches = itertools.islice(pipeline.eval_batches(data, split, domain=domain), max_batches)
+    logits = [router_logits(model, params, batch) for batch in batches]
+    if not logits:
+      raise ValueError(f"domain {domain!r} has no {split} documents")
+    loads[domain] = expert_loads(np.concatenate(logits, axis=1), config)
+  return loads
+
+
+def load_divergence(loads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """KL divergence (nats) of each domain's expert load from the mean over domains, per
+  layer `[layers]`: 0 when every domain uses the experts alike, larger the more a
+  domain has experts of its own."""
+  mean = np.mean(np.stack(list(loads.values())), axis=0)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return {domain: np.sum(np.where(load > 0, load * np.log(load / mean), 0.0), axis=-1)
+            for domain, load in loads.items()}
