@@ -1,5 +1,5 @@
-"""Training runs as `python -m jbtx.train` subprocesses, shared by the resume and
-multi-process tests.
+"""Training runs as `python -m jbtx.train` subprocesses, shared by the resume,
+multi-process, CLI and notebook tests.
 
 Runs use 4 simulated CPU devices per process and share a persistent compilation cache,
 so only the first run of a program compiles it. `uninterrupted_run` is the reference,
@@ -21,6 +21,13 @@ ARGS = (f"--config.train.steps={STEPS}", "--config.train.log_every=5",
         "--config.train.checkpoint_every=5", "--config.train.eval_batches=1",
         "--config.train.sample_tokens=0", "--config.optimizer.warmup_steps=2",
         "--config.data.batch_size=4", "--config.data.seq_len=32", "--config.model.n_layers=2")
+
+
+# A short run of the demo configs on one device (the CLI and notebook tests).
+SHORT_ARGS = ("--config.train.steps=6", "--config.train.log_every=3",
+              "--config.train.eval_batches=1", "--config.optimizer.warmup_steps=2",
+              "--config.data.batch_size=8", "--config.data.seq_len=64",
+              "--config.model.n_layers=2", "--config.train.sample_tokens=8")
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +70,17 @@ def uninterrupted_run(tmp_path_factory, run_env):
 @pytest.fixture(scope="session")
 def uninterrupted_params(uninterrupted_run):
   return final_params(uninterrupted_run)
+
+
+@pytest.fixture(scope="session")
+def moe_run(tmp_path_factory):
+  """Work directory of a short `configs/olmoe_tiny.py` run (an MoE model trained from
+  scratch); its console output is in `output.txt` there."""
+  workdir = tmp_path_factory.getbasetemp() / "olmoe_tiny"
+  if not (workdir / "seed" / checkpoint.CONFIG_FILE).exists():
+    result = subprocess.run([sys.executable, "-m", "jbtx.train", "--config=configs/olmoe_tiny.py",
+                             f"--workdir={workdir}", *SHORT_ARGS],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    (workdir / "output.txt").write_text(result.stdout + result.stderr)
+  return workdir
