@@ -64,3 +64,9 @@ def test_domain_loads_refuse_a_dense_model():
   with pytest.raises(ValueError, match="no MoE layers"):
     expert_usage.domain_loads(model, init_params(model, jax.random.key(0)), DataConfig(),
                               "validation", 1)
+
+
+def test_expert_loads_refuse_expert_choice_routing():
+  config = dataclasses.replace(presets.get("micro_moe").moe, routing="expert_choice")
+  with pytest.raises(ValueError, match="expert_choice"):
+    expert_usage.expert_loads(np.asarray(jax.random.normal(jax.random.key(3), (1, 8, 4))), config)

@@ -56,6 +56,10 @@ def expert_loads(logits: np.ndarray, config: MoEConfig) -> np.ndarray:
     logits: router logits `[layers, tokens, E]`.
     config: the MoE config whose routing decides (top-k, softmax-then-top-k, ...).
   """
+  if config.routing == "expert_choice":
+    raise ValueError("expert_loads: with expert_choice routing each expert takes the same "
+                     "number of tokens of every group, chosen among all of its tokens; "
+                     "loads of a subset of tokens (a domain) are not defined by them alone")
   n_experts = logits.shape[-1]
   fractions = [routing.assignment_fractions(routing.route(layer, config), n_experts)
                for layer in np.asarray(logits, np.float32)]

@@ -14,7 +14,8 @@ A dense FFN's kernels stack straight into the expert kernels (`jnp.stack` on axi
 
 Per-layer auxiliary values are sown into the "intermediates" collection under
 "moe_stats" (load_balance_loss, router_z_loss, expert_load [E], router_entropy,
-top1_gate, dropped_fraction) and "router_logits"; `collect_moe_stats` gathers them.
+top1_gate, dropped_fraction) and "router_logits"; `collect_moe_stats` and
+`collect_router_logits` gather them.
 """
 
 from __future__ import annotations
