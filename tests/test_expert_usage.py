@@ -54,6 +54,7 @@ def test_load_divergence_is_zero_for_alike_domains_and_kl_from_the_mean_otherwis
   mean = np.array([0.625, 0.375])
   divergence = expert_usage.load_divergence(apart)
   np.testing.assert_allclose(divergence["a"], [np.log(1 / 0.625)], rtol=1e-6)
+  np.testing.assert_allclose(expert_usage.kl_divergence(apart["a"], [[0.5, 0.5]]), [np.log(2)])
   b = apart["b"][0]
   np.testing.assert_allclose(divergence["b"], [np.sum(b * np.log(b / mean))], rtol=1e-6)
 
@@ -61,7 +62,7 @@ def test_load_divergence_is_zero_for_alike_domains_and_kl_from_the_mean_otherwis
 def test_domain_loads_refuse_a_dense_model():
   config = dataclasses.replace(presets.get("micro_moe"), moe=None)
   model = Llama(config)
-  with pytest.raises(ValueError, match="no MoE layers"):
+  with pytest.raises(ValueError, match="no MoE layers"):  # before reading any data
     expert_usage.domain_loads(model, init_params(model, jax.random.key(0)), DataConfig(),
                               "validation", 1)
 

@@ -4,6 +4,7 @@
     loads = expert_loads(logits, model.config.moe)        # [layers, E], rows sum to 1
     usage = domain_loads(model, params, data_config, "validation", max_batches=4)
     divergence = load_divergence(usage)                   # {domain: [layers]} in nats
+    imbalance = kl_divergence(loads, np.full_like(loads, 1 / E))  # [layers]
 
 The routing of the analysis is the model's own (`routing.route` with its MoE config),
 without training-time noise (router jitter, Gumbel sampling). Padding tokens
@@ -49,6 +50,16 @@ def _sown_logits(model: nn.Module, params: Any, tokens: jax.Array, positions: ja
   return collect_router_logits(state["intermediates"])
 
 
+def _require_token_choice(config: MoEConfig | None) -> None:
+  """Raises ValueError unless each token's experts follow from its own router logits."""
+  if config is None:
+    raise ValueError("expert usage: the model has no MoE layers (config.moe is None)")
+  if config.routing == "expert_choice":
+    raise ValueError("expert usage: with expert_choice routing each expert takes the same "
+                     "number of tokens of every group, chosen among all of its tokens; "
+                     "loads of a subset of tokens (a domain) are not defined by them alone")
+
+
 def expert_loads(logits: np.ndarray, config: MoEConfig) -> np.ndarray:
   """Fraction of the routed assignments `[layers, E]` that each expert receives.
 
@@ -56,10 +67,7 @@ def expert_loads(logits: np.ndarray, config: MoEConfig) -> np.ndarray:
     logits: router logits `[layers, tokens, E]`.
     config: the MoE config whose routing decides (top-k, softmax-then-top-k, ...).
   """
-  if config.routing == "expert_choice":
-    raise ValueError("expert_loads: with expert_choice routing each expert takes the same "
-                     "number of tokens of every group, chosen among all of its tokens; "
-                     "loads of a subset of tokens (a domain) are not defined by them alone")
+  _require_token_choice(config)
   n_experts = logits.shape[-1]
   fractions = [routing.assignment_fractions(routing.route(layer, config), n_experts)
                for layer in np.asarray(logits, np.float32)]
@@ -72,8 +80,7 @@ def domain_loads(model: nn.Module, params: Any, data: DataConfig, split: str,
   evaluation batches of `split` (as packed for training: `data.batch_size` rows of
   `data.seq_len` tokens)."""
   config = model.config.moe
-  if config is None:
-    raise ValueError("domain_loads: the model has no MoE layers (config.moe is None)")
+  _require_token_choice(config)  # before any batch is run
   loads = {}
   for domain in data.domains:
     batches = itertools.islice(pipeline.eval_batches(data, split, domain=domain), max_batches)
@@ -84,11 +91,17 @@ def domain_loads(model: nn.Module, params: Any, data: DataConfig, split: str,
   return loads
 
 
+def kl_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+  """`KL(p || q)` in nats over the last axis of two distributions; terms with p = 0
+  count 0."""
+  p, q = np.asarray(p), np.asarray(q)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return np.sum(np.where(p > 0, p * np.log(p / q), 0.0), axis=-1)
+
+
 def load_divergence(loads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """KL divergence (nats) of each domain's expert load from the mean over domains, per
   layer `[layers]`: 0 when every domain uses the experts alike, larger the more a
   domain has experts of its own."""
   mean = np.mean(np.stack(list(loads.values())), axis=0)
-  with np.errstate(divide="ignore", invalid="ignore"):
-    return {domain: np.sum(np.where(load > 0, load * np.log(load / mean), 0.0), axis=-1)
-            for domain, load in loads.items()}
+  return {domain: kl_divergence(load, mean) for domain, load in loads.items()}
