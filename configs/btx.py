@@ -2,31 +2,43 @@
 
     python -m jbtx.train --config=configs/btx.py
 
-Stage implemented so far: `seed` — a tiny dense Llama trained from scratch on the four
-built-in demo domains (code, math, knowledge, general; byte tokens). The file lists
-every key of `jbtx.config.ExperimentConfig` (`to_config_dict`), so any can be
-overridden, e.g. --config.model.n_layers=8 --config.train.steps=2000
---config.mesh.fsdp=2 (but not the sub-keys of `model.moe`, None for this dense model;
-configs/olmoe_tiny.py has them).
+seed: a tiny dense Llama (0.80M parameters, byte tokens) trained from scratch on the
+`general` domain plus a little of every other; expert/code, expert/math,
+expert/knowledge: the seed trained further on one domain each (independent jobs); mix:
+their FFNs and the seed's become the 4 experts of every layer's MoE, everything else
+averaged, a new router; finetune: top-2 routing with BTX load balancing (0.01) on the
+mixture; eval: every model on every domain and the math/knowledge tasks
+(results.json); export: the BTX model in Hugging Face Mixtral format (hf/).
+
+The file lists every key of `jbtx.config.ExperimentConfig` (`to_config_dict`), so any
+can be overridden, e.g. --config.btx.finetune.steps=200 --config.btx.moe.routing=soft
+--config.btx.only=expert/math (but not the sub-keys of `model.moe`, None for this dense
+seed; configs/olmoe_tiny.py has them).
 """
 
 import ml_collections
 
 from jbtx.config import (
+    BTXConfig,
     DataConfig,
     ExperimentConfig,
+    MoEConfig,
     OptimizerConfig,
+    StageConfig,
     TrainConfig,
     to_config_dict,
 )
 from jbtx.config.data import DomainConfig, TokenizerConfig
 from jbtx.models import presets
 
+EXPERTS = ("code", "math", "knowledge")
+
 
 def get_config() -> ml_collections.ConfigDict:
   domains = {name: DomainConfig(source="demo", name=name, weight=weight)
-             for name, weight in [("code", 0.4), ("math", 0.3), ("knowledge", 0.1),
-                                  ("general", 0.2)]}
+             for name, weight in [("code", 0.2), ("math", 0.2), ("knowledge", 0.2),
+                                  ("general", 0.4)]}
+  expert = StageConfig(steps=100, learning_rate=1e-3, warmup_steps=10)
   return to_config_dict(ExperimentConfig(
       seed=0,
       model=presets.get("tiny"),
@@ -34,12 +46,22 @@ def get_config() -> ml_collections.ConfigDict:
                       batch_size=16),
       optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=20, min_lr_ratio=0.1,
                                 b1=0.9, b2=0.95, weight_decay=0.1, grad_clip_norm=1.0),
-      train=TrainConfig(steps=300, log_every=20, eval_batches=8, eval_every=0,
-                        sample_prompt="def ", sample_tokens=80, sample_temperature=0.8,
-                        checkpoint_every=100, keep_last=2, keep_every=0,
+      train=TrainConfig(steps=200, log_every=20, eval_batches=8, eval_every=0,
+                        sample_prompt="def ", sample_tokens=0, sample_temperature=0.8,
+                        checkpoint_every=50, keep_last=2, keep_every=0,
                         async_checkpoints=True, max_skipped_steps=10,
                         peak_flops_per_device=0.0, tensorboard=True),
-      profile_steps="",  # e.g. "10,15": trace steps 10-15 into seed/tensorboard/
+      btx=BTXConfig(
+          experts={name: expert for name in EXPERTS},
+          seed_as_expert=True,
+          ffn="experts",
+          router_init="random",
+          moe=MoEConfig(n_experts=4, top_k=2, routing="topk", load_balance="btx",
+                        load_balance_coef=0.01),
+          finetune=StageConfig(steps=100, learning_rate=1e-3, warmup_steps=10),
+          finetune_weights={"code": 0.3, "math": 0.3, "knowledge": 0.2, "general": 0.2},
+          task_examples=64, task_max_tokens=160, export=True),
+      profile_steps="",  # e.g. "10,15": trace steps 10-15 into <stage>/tensorboard/
       dump_hlo=False,
       reuse_host_memory=True,  # glibc keeps freed blocks for reuse (faster on CPU)
   ))

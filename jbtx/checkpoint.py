@@ -24,7 +24,7 @@ from orbax.checkpoint import v1 as ocp
 
 from jbtx import config as config_lib
 from jbtx.config import ModelConfig
-from jbtx.models.llama import Llama
+from jbtx.models.llama import Llama, n_layer_groups, stack_layers, unstack_layers
 
 CONFIG_FILE = "jbtx.json"
 PARAMS_DIR = "params"
@@ -127,16 +127,34 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
     raise CheckpointError(f"{pathlib.Path(directory) / CONFIG_FILE}: {e}") from None
 
 
+def params_metadata(directory: str | os.PathLike) -> Any:
+  """The parameter tree of a checkpoint as Orbax metadata leaves (`.shape`, `.dtype`)."""
+  read_record(directory)
+  return ocp.metadata(pathlib.Path(directory).absolute() / PARAMS_DIR).metadata
+
+
 def load_params(directory: str | os.PathLike, as_numpy: bool = False) -> Any:
   """The parameter tree of a checkpoint: jax arrays on the default device, or numpy."""
-  read_record(directory)
+  metadata = params_metadata(directory)
   params_dir = pathlib.Path(directory).absolute() / PARAMS_DIR
-  metadata = ocp.metadata(params_dir).metadata
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                         metadata)
   params = ocp.load(params_dir, target)
   return jax.tree.map(np.asarray, params) if as_numpy else params
+
+
+def load_params_for(directory: str | os.PathLike, model_config: ModelConfig) -> Any:
+  """The checkpoint's parameters as numpy arrays in the layout of `model_config`: its
+  layers stacked (scanned) or unrolled as `model_config.scan_layers` says, whatever the
+  layout they were saved in."""
+  params = load_params(directory, as_numpy=True)
+  scanned = "layers" in params
+  if model_config.scan_layers and not scanned:
+    return stack_layers(params, n_layer_groups(model_config))
+  if scanned and not model_config.scan_layers:
+    return unstack_layers(params)
+  return params
 
 
 def load(directory: str | os.PathLike) -> tuple[Llama, Any]:

@@ -7,9 +7,12 @@ skips stages whose checkpoint is complete, and an interrupted stage resumes from
 latest checkpoint in `workdir/<stage>/checkpoints/`. SIGTERM or SIGINT during a stage
 stops the run with exit status 0 at the next safe point: after the current training
 step, saving a checkpoint, or before the final evaluation or the publish; a signal
-during the publish lets it finish (a second signal interrupts at once). Implemented so
-far: `seed`, which trains the dense seed model (`config.model`) on the configured
-corpus. The branch, expert-training and mix stages of BTX build on this checkpoint.
+during the publish lets it finish (a second signal interrupts at once).
+
+The stages (`jbtx.btx.pipeline`): `seed` trains the dense seed (`config.model`; or
+`btx.seed_checkpoint` is used), then with `btx.experts` set, `expert/<domain>` for each
+expert, `mix`, `finetune`, `eval` (results.json) and `export` (hf/).
+`--config.btx.only=STAGE` runs one stage and exits (experts on separate hosts).
 
 Multi-host: run the same command on every host; `config.distributed` (or the cluster
 environment) makes the processes join one JAX job (`jbtx.distributed`).
@@ -25,11 +28,11 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jbtx import checkpoint, distributed, host_memory
+from jbtx import distributed, host_memory
+from jbtx.btx import pipeline as btx_pipeline
 from jbtx.config import ConfigError, ExperimentConfig, from_mapping, to_dict
 from jbtx.data import pipeline
-from jbtx.training.guards import StopSignal
-from jbtx.training.loop import Preempted, log, train_stage
+from jbtx.training.loop import Preempted, log
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. configs/btx.py; override keys with --config.KEY=V.")
@@ -57,14 +60,7 @@ def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
-  seed_dir = workdir / "seed"
-  if (seed_dir / checkpoint.CONFIG_FILE).is_file():
-    metrics = checkpoint.read_record(seed_dir).get("metrics", {})
-    loss = metrics.get("validation", {}).get("loss")
-    log(f"[seed] already complete: {seed_dir} (validation loss {loss}); skipping")
-  else:
-    with StopSignal() as stop:
-      train_stage(config, seed_dir, "seed", stop)
+  btx_pipeline.run(config, workdir)
 
 
 def main(argv: list[str]) -> None:

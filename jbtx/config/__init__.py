@@ -7,6 +7,7 @@
 """
 
 from jbtx.config.base import ConfigError, from_mapping, to_config_dict, to_dict
+from jbtx.config.btx import BTXConfig, StageConfig
 from jbtx.config.data import DataConfig
 from jbtx.config.experiment import BYTE_VOCAB_SIZE, ExperimentConfig
 from jbtx.config.model import ModelConfig, MoEConfig
@@ -17,6 +18,7 @@ from jbtx.config.training import TrainConfig
 __all__ = [
     "BYTE_VOCAB_SIZE",
     "MESH_AXES",
+    "BTXConfig",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
@@ -24,6 +26,7 @@ __all__ = [
     "MoEConfig",
     "ModelConfig",
     "OptimizerConfig",
+    "StageConfig",
     "TrainConfig",
     "from_mapping",
     "to_config_dict",

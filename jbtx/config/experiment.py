@@ -6,6 +6,7 @@ import dataclasses
 
 from jbtx.config.base import ConfigError
 from jbtx.config.base import require as _require
+from jbtx.config.btx import BTXConfig
 from jbtx.config.data import DataConfig
 from jbtx.config.distributed import DistributedConfig
 from jbtx.config.model import ModelConfig
@@ -27,6 +28,7 @@ class ExperimentConfig:
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+  btx: BTXConfig = dataclasses.field(default_factory=BTXConfig)
   profile_steps: str = ""  # "FIRST,LAST": trace these steps (jbtx.training.profiling)
   dump_hlo: bool = False  # write the train step's HLO under <stage>/hlo/
   reuse_host_memory: bool = True  # glibc keeps freed blocks for reuse (jbtx.host_memory)
@@ -49,3 +51,38 @@ class ExperimentConfig:
              "optimizer.grad_accum_steps",
              f"must divide data.batch_size ({self.data.batch_size}), "
              f"got {self.optimizer.grad_accum_steps}")
+    if self.btx.experts or self.btx.only:
+      _check_btx(self)
+
+
+def _check_btx(config: ExperimentConfig) -> None:
+  """The BTX settings that depend on the model and the data (see `BTXConfig`)."""
+  btx, model = config.btx, config.model
+  _require(model.moe is None, "model.moe",
+           "a BTX seed is a dense model (btx.experts is set); MoE layers come from the mix")
+  for name in btx.experts:
+    _require(name in config.data.domains, f"btx.experts.{name}",
+             f"not a domain of data.domains ({', '.join(config.data.domains)})")
+  for name in btx.finetune_weights:
+    _require(name in config.data.domains, f"btx.finetune_weights.{name}",
+             f"not a domain of data.domains ({', '.join(config.data.domains)})")
+  for name in btx.mix_weights:
+    _require(name in btx.expert_names, f"btx.mix_weights.{name}",
+             f"not a mixed model ({', '.join(btx.expert_names)})")
+  _require(not btx.finetune_weights or sum(btx.finetune_weights.values()) > 0,
+           "btx.finetune_weights", "the weights sum to 0")
+  _require(not btx.mix_weights or sum(btx.mix_weights.values()) > 0, "btx.mix_weights",
+           "the weights sum to 0")
+  _require(btx.moe.every == 1 and btx.moe.n_shared_experts == 0, "btx.moe.every",
+           "BTX mixes every layer's FFN into routed experts (every = 1, no shared experts)")
+  if btx.ffn == "split":
+    _require(model.d_ff % btx.split_chunks == 0, "btx.split_chunks",
+             f"must divide model.d_ff ({model.d_ff}), got {btx.split_chunks}")
+  n_experts = len(btx.expert_names) * (btx.split_chunks if btx.ffn == "split" else 1)
+  top_k = btx.moe.top_k * (btx.split_chunks if btx.ffn == "split" else 1)
+  _require(top_k <= n_experts, "btx.moe.top_k",
+           f"exceeds the {n_experts} mixed experts (after splitting), got {btx.moe.top_k}")
+  stages = {"", "seed", "mix", "finetune", "eval", "export"} | {
+      f"expert/{name}" for name in btx.experts}
+  _require(btx.only in stages, "btx.only",
+           f"must be one of {', '.join(sorted(s for s in stages if s))}, got {btx.only!r}")

@@ -5,6 +5,7 @@
 
 The prompt is run once (prefill), then one token per step; each step attends to the
 cache instead of recomputing the prefix. `temperature=0` is greedy decoding.
+`generate_ragged` decodes greedily a batch of prompts of different lengths.
 """
 
 from __future__ import annotations
@@ -104,3 +105,49 @@ def generate(model: nn.Module, params: Any, prompt: jax.Array, max_new_tokens: i
   positions = prompt_len + jnp.arange(max_new_tokens - 1)
   _, rest = jax.lax.scan(step, (cache, first, done), (rngs[1:], positions))
   return jnp.concatenate([prompt, first[:, None], rest.T], axis=1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id"))
+def generate_ragged(model: nn.Module, params: Any, prompts: jax.Array, lengths: jax.Array,
+                    max_new_tokens: int, eos_id: int | None = None) -> jax.Array:
+  """Greedily continues prompts of different lengths, all rows in lockstep.
+
+  Prefill is token by token: at step t every row feeds one token at position t, its
+  prompt token while `t < lengths[row]` and its previous greedy token afterwards, so
+  the cache index is shared and one compiled program serves any mix of prompt lengths
+  (`max_prompt_len + max_new_tokens - 1` decode steps; fine for short prompts).
+
+  Args:
+    model: a decoder (e.g. `jbtx.models.llama.Llama`) with a `decode` attribute.
+    params: its parameters.
+    prompts: int32 `[batch, max_prompt_len]`, right-padded (padding is never read).
+    lengths: int32 `[batch]`, each prompt's length (at least 1).
+    max_new_tokens: number of tokens to generate after each prompt (at least 1).
+    eos_id: if given, rows that emitted it keep emitting it.
+
+  Returns:
+    int32 `[batch, max_new_tokens]`: the tokens generated after each row's own prompt.
+  """
+  batch, max_prompt_len = prompts.shape
+  steps = max_prompt_len + max_new_tokens - 1
+  cache = init_cache(model, batch, max_prompt_len + max_new_tokens)
+  inputs = jnp.pad(prompts.astype(jnp.int32), ((0, 0), (0, max_new_tokens - 1)))
+
+  def step(carry, xs):
+    cache, previous, done = carry
+    t, prompt_token = xs
+    token = jnp.where(t < lengths, prompt_token, previous)
+    logits, cache = decode(model, params, cache, token[:, None],
+                           jnp.full((batch, 1), t, jnp.int32))
+    next_token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    if eos_id is not None:
+      next_token = jnp.where(done, eos_id, next_token)
+      done = done | ((t >= lengths - 1) & (next_token == eos_id))
+    return (cache, next_token, done), next_token
+
+  carry = (cache, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool))
+  _, predicted = jax.lax.scan(step, carry, (jnp.arange(steps), inputs.T))
+  # predicted[t, row] is the greedy token after position t; a row's first new token
+  # follows its last prompt token, at position lengths[row] - 1.
+  index = lengths[:, None] - 1 + jnp.arange(max_new_tokens)
+  return jnp.take_along_axis(predicted.T, index, axis=1)

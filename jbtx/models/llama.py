@@ -16,6 +16,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jbtx.config import ModelConfig
 from jbtx.models.layers import (
@@ -280,3 +281,20 @@ def init_params(model: Llama, rng: jax.Array):
   tokens = jnp.zeros((1, 1), jnp.int32)
   return nn.meta.unbox(model.init(rng, tokens)["params"])
 
+
+
+def stack_layers(params: dict, n_units: int) -> dict:
+  """Unrolled parameters (`layers_0 … layers_{n-1}`) -> the scanned layout ("layers",
+  every leaf with a leading `[n_units]` axis), as host numpy arrays."""
+  units = [params[f"layers_{i}"] for i in range(n_units)]
+  rest = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  return rest | {"layers": jax.tree.map(lambda *leaves: np.stack(leaves), *units)}
+
+
+def unstack_layers(params: dict) -> dict:
+  """The scanned layout -> unrolled parameters (inverse of `stack_layers`)."""
+  stacked = params["layers"]
+  n_units = jax.tree.leaves(stacked)[0].shape[0]
+  rest = {k: v for k, v in params.items() if k != "layers"}
+  return rest | {f"layers_{i}": jax.tree.map(lambda leaf, i=i: leaf[i], stacked)
+                 for i in range(n_units)}

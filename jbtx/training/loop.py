@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pathlib
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -44,7 +45,10 @@ from jbtx.training.step import (
     init_train_state,
     make_eval_step,
     make_train_step,
+    train_state_from_params,
 )
+
+InitialParams = Callable[[], Any] | None
 
 CHECKPOINTS_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
@@ -52,11 +56,14 @@ HLO_DIR = "hlo"
 
 
 class Preempted(Exception):
-  """Training stopped on SIGTERM/SIGINT after checkpointing `step`; a rerun resumes."""
+  """Training stopped on SIGTERM/SIGINT after checkpointing `step` (None: at the end of
+  the stage, between stages); a rerun resumes."""
 
-  def __init__(self, stage: str, step: int):
+  def __init__(self, stage: str, step: int | None = None):
     super().__init__(f"[{stage}] stopped by signal after step {step}; checkpoint saved, "
-                     "rerun the same command to resume")
+                     "rerun the same command to resume" if step is not None else
+                     f"[{stage}] stopped by signal after the stage; rerun the same command "
+                     "to continue")
     self.step = step
 
 
@@ -189,9 +196,10 @@ def publish(stage_dir: pathlib.Path, model_config: ModelConfig, params: Any,
 
 
 def _start(config: ExperimentConfig, stage: str, model: Llama, optimizer: Any, mesh: Mesh,
-           eval_step: Any, data: Any,
-           checkpointer: TrainCheckpointer) -> tuple[TrainState, dict[str, Any]]:
-  """The train state and checkpoint record to continue from: restored, or fresh."""
+           eval_step: Any, data: Any, checkpointer: TrainCheckpointer,
+           initial_params: InitialParams) -> tuple[TrainState, dict[str, Any]]:
+  """The train state and checkpoint record to continue from: restored, or fresh (from
+  a random init, or from `initial_params()` with a fresh optimizer)."""
   restored = checkpointer.restore_latest(abstract_train_state(model, optimizer, mesh))
   if restored is not None:
     saved_by, path = len(restored.data_states), checkpointer.directory / str(restored.step)
@@ -205,7 +213,10 @@ def _start(config: ExperimentConfig, stage: str, model: Llama, optimizer: Any, m
   log(f"[{stage}] {config.model.num_params() / 1e6:.2f}M parameters, "
       f"{config.train.steps} steps of {config.data.batch_size}x{config.data.seq_len} "
       f"tokens on {jax.device_count()} devices, mesh {dict(mesh.shape)}")
-  state = init_train_state(model, optimizer, config.seed, mesh)
+  if initial_params is None:
+    state = init_train_state(model, optimizer, config.seed, mesh)
+  else:
+    state = train_state_from_params(model, optimizer, initial_params(), config.seed, mesh)
   return state, {"validation_before": evaluate(state.params, config, mesh, eval_step)}
 
 
@@ -215,11 +226,21 @@ def _stop_if_requested(stop: StopSignal, stage: str, state: TrainState) -> None:
     raise Preempted(stage, int(jax.device_get(state.step)))
 
 
+def compute(config: ExperimentConfig) -> dict[str, float]:
+  """Training tokens (all positions of the batches) and FLOPs of a stage's run."""
+  tokens = config.train.steps * config.data.batch_size * config.data.seq_len
+  flops = metrics_lib.train_flops_per_token(config.model, config.data.seq_len) * tokens
+  return {"tokens": tokens, "flops": flops}
+
+
 def train_stage(config: ExperimentConfig, stage_dir: pathlib.Path, stage: str,
-                stop: StopSignal) -> dict[str, Any]:
+                stop: StopSignal, initial_params: InitialParams = None) -> dict[str, Any]:
   """Trains `config.model` (resuming if possible) and publishes it as a jbtx checkpoint.
 
-  Returns the metrics that are also recorded in the checkpoint's `jbtx.json`.
+  Training starts from a random init, or from `initial_params()` (a parameter tree of
+  `config.model`, called only when there is no checkpoint to resume). Returns the
+  metrics that are also recorded in the checkpoint's `jbtx.json`, with the stage's
+  training tokens and FLOPs under "compute".
 
   Raises:
     Preempted: when `stop` was signalled before the publish began; the stage's latest
@@ -235,7 +256,7 @@ def train_stage(config: ExperimentConfig, stage_dir: pathlib.Path, stage: str,
   checkpointer = TrainCheckpointer(stage_dir / CHECKPOINTS_DIR, config.train)
   try:
     state, record = _start(config, stage, model, optimizer, mesh, eval_step, data,
-                           checkpointer)
+                           checkpointer, initial_params)
     train_step = make_train_step(model, optimizer, mesh, config.optimizer.grad_accum_steps)
     if config.dump_hlo:
       paths = dump_hlo(train_step, (state, _abstract_batch(config, mesh)),
@@ -252,7 +273,7 @@ def train_stage(config: ExperimentConfig, stage_dir: pathlib.Path, stage: str,
   sample = sample_text(model, state.params, config)
   _stop_if_requested(stop, stage, state)
   result = {"steps": config.train.steps, "validation_before": initial, "validation": final,
-            "sample": sample}
+            "sample": sample, "compute": compute(config)}
   log(f"[{stage}] validation loss {initial['loss']:.3f} -> {final['loss']:.3f} nats/token "
       f"({final['bits_per_token']:.3f} bits/token, perplexity {final['perplexity']:.2f}); "
       + ", ".join(f"{d} {v:.3f}" for d, v in final["domains"].items()))

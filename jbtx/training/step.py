@@ -153,6 +153,41 @@ def init_train_state(model: nn.Module, optimizer: optax.GradientTransformation, 
   return make_init(model, optimizer, seed, mesh)()
 
 
+def train_state_from_params(model: nn.Module, optimizer: optax.GradientTransformation,
+                           params: Any, seed: int, mesh: Mesh) -> TrainState:
+  """A TrainState at step 0 holding `params` (e.g. a seed or a mixed model), with a
+  fresh optimizer state, placed into the shardings of `train_state_shardings`.
+
+  Raises:
+    ValueError: naming the first tensor whose path or shape is not the model's.
+  """
+  shardings = train_state_shardings(model, optimizer, mesh)
+  expected = nn.meta.unbox(abstract_params(model))
+  _check_params(expected, params)
+
+  def init(params):
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
+                      jax.random.key_data(jax.random.key(seed + 1)))
+
+  dtypes = jax.tree.map(lambda e, p: jnp.asarray(p, e.dtype), expected, params)
+  return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(dtypes)
+
+
+def _check_params(expected: Any, params: Any) -> None:
+  want = {jax.tree_util.keystr(k): v.shape for k, v in
+          jax.tree_util.tree_leaves_with_path(expected)}
+  got = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+         jax.tree_util.tree_leaves_with_path(params)}
+  for key in sorted(set(want) | set(got)):
+    if key not in got:
+      raise ValueError(f"the initial parameters lack the tensor {key} of the model")
+    if key not in want:
+      raise ValueError(f"the initial parameters have a tensor {key} the model does not")
+    if want[key] != got[key]:
+      raise ValueError(f"tensor {key}: the model has shape {want[key]}, the initial "
+                       f"parameters {got[key]}")
+
+
 def _micro_batches(batch: Batch, n: int) -> Batch:
   """`[batch, seq]` -> `[n, batch / n, seq]`; micro-batch i holds rows i, i + n, ….
 

@@ -1,0 +1,146 @@
+"""Mixing: N dense models with the same shape -> one MoE model (BTX's "MiX" step).
+
+    FFN of model i        -> expert i of each layer's MoE (stacked on the expert axis)
+    everything else       -> weighted average over the models (attention, embeddings,
+                             norms, output layer)
+    router                -> new: given per layer (random, or from hidden states)
+
+Variants (`BTXConfig.ffn`): "blend" gives every expert the averaged FFN (no FFN
+specialisation); "split" cuts each FFN into C chunks of d_ff / C neurons (rows of gate
+and up, columns of down), giving C · N experts; each chunk's down projection is scaled
+by C, so that a token routed to all C chunks of expert i with equal logits (gates g/C
+each under top-(C·k) softmax) gets exactly g · FFN_i(x), as the unsplit MoE gives it.
+
+The model is produced one layer at a time (`mixed_parts`) from `sources.Source`s, so
+mixing checkpoints on disk holds a few tensors in memory, never N models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jbtx.btx.sources import Path
+from jbtx.config import ModelConfig
+
+FFN_KEYS = ("gate", "up", "down")
+Source = Any  # jbtx.btx.sources.TreeSource | CheckpointSource
+
+
+def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+  """`Σ_i w_i · a_i / Σ_i w_i`, accumulated in float32, in the dtype of the inputs."""
+  total = float(sum(weights))
+  out = np.zeros(arrays[0].shape, np.float32)
+  for array, weight in zip(arrays, weights, strict=True):
+    if weight:
+      out += np.float32(weight / total) * np.asarray(array, np.float32)
+  return out.astype(arrays[0].dtype)
+
+
+def moe_experts(ffns: Sequence[Mapping[str, np.ndarray]], ffn: str, chunks: int,
+                weights: Sequence[float]) -> dict[str, np.ndarray]:
+  """The expert kernels of one MoE layer from the models' FFNs.
+
+  Args:
+    ffns: per model, `gate`, `up` `[embed, mlp]` and `down` `[mlp, embed]`.
+    ffn: "experts", "blend" or "split" (module docstring).
+    chunks: C for "split".
+    weights: the models' averaging weights (for "blend").
+
+  Returns:
+    `gate`, `up` `[E, embed, mlp']`, `down` `[E, mlp', embed]`, with E = N (C · N for
+    "split", expert i · C + c being chunk c of model i) and mlp' = mlp (/ C for "split").
+  """
+  if ffn == "blend":
+    blended = {k: weighted_mean([f[k] for f in ffns], weights) for k in FFN_KEYS}
+    return {k: np.stack([blended[k]] * len(ffns)) for k in FFN_KEYS}
+  if ffn == "split":
+    split = lambda k, axis: [c for f in ffns for c in np.split(f[k], chunks, axis=axis)]
+    down = np.stack(split("down", 0))
+    return {"gate": np.stack(split("gate", 1)), "up": np.stack(split("up", 1)),
+            "down": (down.astype(np.float32) * chunks).astype(down.dtype)}
+  if ffn != "experts":
+    raise ValueError(f"config key 'btx.ffn': unknown value {ffn!r}")
+  return {k: np.stack([f[k] for f in ffns]) for k in FFN_KEYS}
+
+
+def random_routers(config: ModelConfig, seed: int) -> Callable[[int], np.ndarray]:
+  """`layer -> router [embed, E]`: normal(0, init_std), one stream per layer."""
+  n_experts = config.moe.n_experts
+
+  def router(layer: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, layer])
+    values = rng.normal(0.0, config.init_std, (config.d_model, n_experts))
+    return values.astype(config.param_dtype)
+
+  return router
+
+
+def check_compatible(sources: Sequence[Source], names: Sequence[str]) -> None:
+  """Raises ValueError unless every model has the first one's decoder shape."""
+  first = sources[0].config
+  for source, name in zip(sources[1:], names[1:], strict=True):
+    if source.config != first:
+      raise ValueError(f"cannot mix {name!r} with {names[0]!r}: their model configs differ "
+                       f"({source.config} vs {first})")
+  if first.moe is not None:
+    raise ValueError(f"cannot mix {names[0]!r}: it is an MoE model; BTX mixes dense models")
+
+
+def mixed_parts(sources: Sequence[Source], config: ModelConfig, ffn: str, chunks: int,
+                weights: Sequence[float], routers: Callable[[int], np.ndarray]
+                ) -> Iterator[dict[str, Any]]:
+  """The mixed MoE model's parameters in the unrolled layout, a part at a time.
+
+  Yields first one part per non-layer tensor (`{"embed": {"embedding": …}}`, …), then
+  one part per layer (`{"layers_3": {...}}`); together they are the parameter tree of
+  `config` (the MoE model, `scan_layers=False`).
+
+  Args:
+    sources: the models to mix, in expert order.
+    config: the MoE model's config (`stages.moe_model_config`).
+    ffn, chunks: the FFN variant (`moe_experts`).
+    weights: averaging weights of the models.
+    routers: `layer -> [embed, E]` router kernel.
+  """
+  reference = sources[0]
+  for path in reference.top_paths():
+    yield _nest(path, weighted_mean([s.top(path) for s in sources], weights))
+  for layer in range(config.n_layers):
+    params: dict[str, Any] = {}
+    for path in reference.layer_paths():
+      if path[0] != "mlp":
+        _set(params, path, weighted_mean([s.layer(path, layer) for s in sources], weights))
+    ffns = [{k: s.layer(("mlp", k, "kernel"), layer) for k in FFN_KEYS} for s in sources]
+    params["moe"] = moe_experts(ffns, ffn, chunks, weights) | {"router": routers(layer)}
+    yield {f"layers_{layer}": params}
+
+
+def mix_params(*args: Any, **kwargs: Any) -> dict[str, Any]:
+  """`mixed_parts` merged into one tree (for models that fit in memory)."""
+  tree: dict[str, Any] = {}
+  for part in mixed_parts(*args, **kwargs):
+    _merge(tree, part)
+  return tree
+
+
+def _nest(path: Path, value: Any) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  _set(tree, path, value)
+  return tree
+
+
+def _set(tree: dict[str, Any], path: Path, value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _merge(tree: dict[str, Any], part: Mapping[str, Any]) -> None:
+  for key, value in part.items():
+    if isinstance(value, Mapping):
+      _merge(tree.setdefault(key, {}), value)
+    else:
+      tree[key] = value

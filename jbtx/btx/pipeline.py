@@ -1,0 +1,327 @@
+"""Runs the BTX stages into a work directory, skipping what is complete.
+
+    workdir/seed/                 the dense seed (or btx.seed_checkpoint, not copied)
+    workdir/expert/<domain>/      one dense expert per domain, trained from the seed
+    workdir/mix/                  the mixed MoE checkpoint (layers unrolled)
+    workdir/finetune/             the finetuned MoE: the BTX model
+    workdir/eval/, results.json   every model on every domain, the results table
+    workdir/hf/                   the BTX model in Hugging Face Mixtral format
+
+Every stage directory holds `stage.json`, the identity of the experiment that made it
+(`stages.stage_identity`); a run whose experiment differs there is refused before
+anything is written, with the keys named. A stage is complete when its output exists
+(`jbtx.json`, `results.json`, `hf/config.json`); an interrupted training stage resumes
+from its checkpoints, an interrupted mix or export starts again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jbtx import checkpoint, convert
+from jbtx.btx import mix, router_init, stages
+from jbtx.btx.results import evaluate_model, summarise, table, total_compute
+from jbtx.btx.sources import CheckpointSource
+from jbtx.config import ConfigError, ExperimentConfig
+from jbtx.config.btx import SEED_EXPERT
+from jbtx.data import pipeline as data_pipeline
+from jbtx.interop.llama_hf import ConversionError
+from jbtx.models.llama import Llama
+from jbtx.training.guards import StopSignal
+from jbtx.training.loop import Preempted, log, train_stage
+
+STAGE_FILE = "stage.json"
+RESULTS_FILE = "results.json"
+HF_DIR = "hf"
+_SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+               "rope_theta", "norm_eps", "qk_norm", "moe")
+
+
+class Paths:
+  """Where each stage of a run lives."""
+
+  def __init__(self, config: ExperimentConfig, workdir: pathlib.Path):
+    self.workdir = workdir
+    self.seed_checkpoint = config.btx.seed_checkpoint
+
+  def stage_dir(self, stage: str) -> pathlib.Path:
+    if stage == stages.EXPORT:
+      return self.workdir / HF_DIR
+    return self.workdir / stage
+
+  def model_dir(self, name: str) -> pathlib.Path:
+    """The checkpoint of a mixed model by expert name ("seed" or a domain)."""
+    if name == SEED_EXPERT:
+      return (pathlib.Path(self.seed_checkpoint).absolute() if self.seed_checkpoint
+              else self.stage_dir(stages.SEED))
+    return self.stage_dir(stages.expert_stage(name))
+
+  def complete(self, stage: str) -> bool:
+    if stage == stages.SEED and self.seed_checkpoint:
+      return True
+    marker = {stages.EVAL: self.workdir / RESULTS_FILE,
+              stages.EXPORT: self.stage_dir(stages.EXPORT) / "config.json"}.get(
+                  stage, self.stage_dir(stage) / checkpoint.CONFIG_FILE)
+    return marker.is_file()
+
+
+def _stage_file(paths: Paths, stage: str) -> pathlib.Path:
+  return paths.stage_dir(stage) / STAGE_FILE
+
+
+def check_workdir(config: ExperimentConfig, paths: Paths) -> None:
+  """Raises ConfigError if a stage in the workdir was made by a different experiment."""
+  for stage in stages.stage_names(config):
+    path = _stage_file(paths, stage)
+    if not path.is_file():
+      continue
+    recorded = json.loads(path.read_text())
+    current = stages.stage_identity(config, stage)
+    differ = stages.identity_differences(recorded, current)
+    if differ:
+      shown = "; ".join(f"{k}: was {recorded.get(k, '<unset>')!r}, now "
+                        f"{current.get(k, '<unset>')!r}" for k in differ[:5])
+      more = f" (and {len(differ) - 5} more)" if len(differ) > 5 else ""
+      raise ConfigError(differ[0], f"{paths.stage_dir(stage)} was made by another "
+                        f"experiment ({shown}{more}); use another --workdir, or remove "
+                        f"that directory to redo stage {stage}")
+
+
+def _record_identity(config: ExperimentConfig, paths: Paths, stage: str) -> None:
+  """Writes the stage's identity (atomically) before the stage writes anything else."""
+  if jax.process_index() != 0:
+    return
+  path = _stage_file(paths, stage)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(stages.stage_identity(config, stage), indent=1, default=str))
+  tmp.rename(path)
+
+
+def _seed_params(config: ExperimentConfig, paths: Paths):
+  """`() -> the seed's parameters` in the layout of `config.model`."""
+  return lambda: checkpoint.load_params_for(paths.model_dir(SEED_EXPERT), config.model)
+
+
+def _check_seed_checkpoint(config: ExperimentConfig, paths: Paths) -> None:
+  directory = paths.model_dir(SEED_EXPERT)
+  try:
+    loaded = checkpoint.load_config(directory)
+  except checkpoint.CheckpointError as e:
+    raise ConfigError("btx.seed_checkpoint", str(e)) from None
+  for key in _SHAPE_KEYS:
+    if getattr(loaded, key) != getattr(config.model, key):
+      raise ConfigError(f"model.{key}", f"the seed checkpoint {directory} has "
+                        f"{getattr(loaded, key)!r}, the config {getattr(config.model, key)!r}")
+
+
+def run_seed(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None:
+  train_stage(stages.seed_config(config), paths.stage_dir(stages.SEED), stages.SEED, stop)
+
+
+def run_expert(config: ExperimentConfig, paths: Paths, stop: StopSignal, domain: str) -> None:
+  stage = stages.expert_stage(domain)
+  train_stage(stages.expert_config(config, domain), paths.stage_dir(stage), stage, stop,
+              initial_params=_seed_params(config, paths))
+
+
+def mixing_weights(config: ExperimentConfig) -> list[float]:
+  """Averaging weights of the mixed models, in expert order (uniform by default)."""
+  given = config.btx.mix_weights
+  return [given.get(name, 0.0) if given else 1.0 for name in config.btx.expert_names]
+
+
+def _routers(config: ExperimentConfig, paths: Paths, moe_config) -> Any:
+  if config.btx.router_init == "random":
+    return mix.random_routers(moe_config, config.seed)
+  seed_dir = paths.model_dir(SEED_EXPERT)
+  model = Llama(checkpoint.load_config(seed_dir))
+  params = checkpoint.load_params(seed_dir)
+  means = []
+  for name in config.btx.expert_names:
+    data = (config.data if name == SEED_EXPERT
+            else stages.expert_config(config, name).data)
+    batches = data_pipeline.train_iterator(data, seed=config.seed)
+    try:
+      means.append(router_init.mean_hidden(
+          model, params, (next(batches) for _ in range(config.btx.router_init_batches))))
+    finally:
+      batches.close()
+  kernels = router_init.hidden_routers(np.stack(means), moe_config.param_dtype)
+  chunks = moe_config.moe.n_experts // len(means)  # split: a chunk takes its FFN's column
+  return lambda layer: np.repeat(kernels[layer], chunks, axis=-1)
+
+
+def run_mix(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None:
+  """Builds the MoE checkpoint from the seed and the experts, one layer at a time."""
+  del stop  # A mix is short and atomic: a signal stops the run after it.
+  btx = config.btx
+  names = btx.expert_names
+  sources = [CheckpointSource(paths.model_dir(n)) for n in names]
+  try:
+    mix.check_compatible(sources, names)
+  except ValueError as e:
+    raise ConfigError("btx.experts", str(e)) from None
+  moe_config = stages.moe_model_config(config)
+  unrolled = dataclasses.replace(moe_config, scan_layers=False)
+  weights = mixing_weights(config)
+  out = paths.stage_dir(stages.MIX)
+  if jax.process_index() == 0:
+    staging = out / "model"
+    for stale in [staging, out / checkpoint.PARAMS_DIR, *out.glob(".model.partial-*")]:
+      if stale.exists():  # left by a killed mix
+        shutil.rmtree(stale)
+    parts = mix.mixed_parts(sources, unrolled, btx.ffn, btx.split_chunks, weights,
+                            _routers(config, paths, moe_config))
+    checkpoint.save_parts(staging, unrolled, parts, extra={
+        "stage": stages.MIX, "experts": list(names), "weights": weights,
+        "metrics": {"compute": {"tokens": 0, "flops": 0.0}}})
+    (staging / checkpoint.PARAMS_DIR).rename(out / checkpoint.PARAMS_DIR)
+    (staging / checkpoint.CONFIG_FILE).rename(out / checkpoint.CONFIG_FILE)  # complete
+    staging.rmdir()
+
+
+def _mix_params(config: ExperimentConfig, paths: Paths):
+  finetune = stages.finetune_config(config)
+  return lambda: checkpoint.load_params_for(paths.stage_dir(stages.MIX), finetune.model)
+
+
+def run_finetune(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None:
+  train_stage(stages.finetune_config(config), paths.stage_dir(stages.FINETUNE),
+              stages.FINETUNE, stop, initial_params=_mix_params(config, paths))
+
+
+def _stage_compute(directory: pathlib.Path) -> dict[str, float]:
+  metrics = checkpoint.read_record(directory).get("metrics", {})
+  return metrics.get("compute", {"tokens": 0, "flops": 0.0})
+
+
+def run_eval(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None:
+  """Evaluates the seed, every expert and the BTX model; writes results.json."""
+  eval_config = stages.eval_config(config)
+  models = {SEED_EXPERT: paths.model_dir(SEED_EXPERT)}
+  models |= {name: paths.model_dir(name) for name in config.btx.experts}
+  models["btx"] = paths.stage_dir(stages.FINETUNE)
+  expert_compute = [_stage_compute(models[n]) for n in config.btx.experts]
+  compute = {name: _stage_compute(d) for name, d in models.items()}
+  compute["btx"] = total_compute([*expert_compute, compute["btx"]])
+  rows = {}
+  for name, directory in models.items():
+    log(f"[eval] {name}: {directory}")
+    rows[name] = summarise(evaluate_model(eval_config, directory), compute[name])
+    if stop.requested():
+      raise Preempted(stages.EVAL)
+  if jax.process_index() == 0:
+    results = {"rows": rows, "notes": {
+        "compute": "training FLOPs of the row's own stages (6·active params·tokens plus "
+                   "attention); btx = its experts' training plus the finetune; the seed's "
+                   "row is the seed's training, shared by every other row"}}
+    tmp = paths.workdir / f"{RESULTS_FILE}.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.rename(paths.workdir / RESULTS_FILE)
+  log(table(rows))
+
+
+def run_export(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None:
+  """Writes the BTX model as a Hugging Face Mixtral folder, or says why it cannot."""
+  del stop
+  finetune = paths.stage_dir(stages.FINETUNE)
+  moe = checkpoint.load_config(finetune).moe
+  if moe.routing != "topk" or not moe.renormalize:
+    log(f"[export] skipped: routing {moe.routing!r} is not Mixtral's softmax over the top-k "
+        "logits, so transformers could not run this model")
+    return
+  out = paths.stage_dir(stages.EXPORT)
+  if jax.process_index() == 0:
+    staging = out.with_name(f".{out.name}.export")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+      convert.export_checkpoint(finetune, staging, show_progress=False)
+    except ConversionError as e:
+      log(f"[export] skipped: {e}")
+      return
+    shutil.copy(_stage_file(paths, stages.EXPORT), staging / STAGE_FILE)
+    shutil.rmtree(out)
+    staging.rename(out)
+  log(f"[export] wrote {out} (transformers.MixtralForCausalLM.from_pretrained)")
+
+
+RUNNERS = {stages.SEED: run_seed, stages.MIX: run_mix, stages.FINETUNE: run_finetune,
+           stages.EVAL: run_eval, stages.EXPORT: run_export}
+
+
+class Progress:
+  """One console line per stage start, skip and finish, with times and shares."""
+
+  def __init__(self, names: list[str]):
+    self._names, self._start, self._times = names, time.perf_counter(), {}
+
+  def _position(self, stage: str) -> str:
+    return f"{self._names.index(stage) + 1}/{len(self._names)}"
+
+  def skip(self, stage: str, where: pathlib.Path) -> None:
+    log(f"[btx] stage {self._position(stage)} {stage}: already complete ({where}); skipping")
+
+  def begin(self, stage: str) -> float:
+    log(f"[btx] stage {self._position(stage)} {stage}: starting "
+        f"(run time so far {time.perf_counter() - self._start:.0f} s)")
+    return time.perf_counter()
+
+  def end(self, stage: str, began: float) -> None:
+    self._times[stage] = time.perf_counter() - began
+    total = time.perf_counter() - self._start
+    log(f"[btx] stage {self._position(stage)} {stage}: done in {self._times[stage]:.1f} s "
+        f"({self._times[stage] / total:.0%} of the run's {total:.0f} s so far)")
+
+  def summary(self) -> None:
+    total = time.perf_counter() - self._start
+    if self._times:
+      log(f"[btx] finished in {total:.0f} s: " + ", ".join(
+          f"{s} {t:.0f} s ({t / total:.0%})" for s, t in self._times.items()))
+
+
+def _missing_inputs(config: ExperimentConfig, paths: Paths, stage: str) -> list[str]:
+  names = stages.stage_names(config)
+  needed = {stages.MIX: [s for s in names[:names.index(stages.MIX)]],
+            stages.FINETUNE: [stages.MIX], stages.EVAL: names[:names.index(stages.EVAL)],
+            stages.EXPORT: [stages.FINETUNE]}.get(stage, [stages.SEED])
+  return [s for s in needed if s != stage and not paths.complete(s)]
+
+
+def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
+  """Runs every incomplete stage (or `btx.only`) in order into `workdir`."""
+  paths = Paths(config, workdir)
+  if config.btx.seed_checkpoint:
+    _check_seed_checkpoint(config, paths)
+  check_workdir(config, paths)
+  names = stages.stage_names(config)
+  selected = [config.btx.only] if config.btx.only else names
+  progress = Progress(names)
+  with StopSignal() as stop:
+    for stage in selected:
+      if paths.complete(stage):
+        progress.skip(stage, paths.model_dir(SEED_EXPERT) if stage == stages.SEED
+                      else paths.stage_dir(stage))
+        continue
+      missing = _missing_inputs(config, paths, stage)
+      if missing:
+        raise ConfigError("btx.only", f"stage {stage} needs {', '.join(missing)} in "
+                          f"{workdir} first: run them, or copy their directories there")
+      began = progress.begin(stage)
+      _record_identity(config, paths, stage)
+      if stage.startswith(stages.EXPERT_PREFIX):
+        run_expert(config, paths, stop, stage.removeprefix(stages.EXPERT_PREFIX))
+      else:
+        RUNNERS[stage](config, paths, stop)
+      progress.end(stage, began)
+      if stop.requested() and stage != selected[-1]:
+        raise Preempted(stage)
+  progress.summary()

@@ -1,0 +1,163 @@
+"""The BTX stages and the experiment each one runs, derived from the whole experiment.
+
+    seed -> expert/<domain> (one per btx.experts) -> mix -> finetune -> eval -> export
+
+Each training stage is an ordinary `ExperimentConfig` (model, data, steps, optimizer)
+handed to the training engine; the functions here derive it. A stage's identity
+(`stage_identity`) is the part of the experiment its output depends on: a workdir
+whose stage was made with another identity is refused, naming the keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jbtx.config import BTXConfig, ExperimentConfig, ModelConfig, StageConfig, to_dict
+from jbtx.config.training import profile_window
+
+SEED, MIX, FINETUNE, EVAL, EXPORT = "seed", "mix", "finetune", "eval", "export"
+EXPERT_PREFIX = "expert/"
+
+# Keys that change how a stage runs or reports, never what it computes.
+_RUN_ONLY_KEYS = ("train.log_every", "train.checkpoint_every", "train.keep_last",
+                  "train.keep_every", "train.async_checkpoints", "train.tensorboard",
+                  "train.max_skipped_steps", "train.peak_flops_per_device",
+                  "data.prefetch", "data.data_dir", "data.tfds_data_dir", "profile_steps",
+                  "dump_hlo", "reuse_host_memory")
+_RUN_ONLY_GROUPS = ("mesh.", "distributed.")
+
+
+def expert_stage(domain: str) -> str:
+  return f"{EXPERT_PREFIX}{domain}"
+
+
+def stage_names(config: ExperimentConfig) -> list[str]:
+  """Every stage of the experiment, in order (the seed alone without BTX experts)."""
+  btx = config.btx
+  if not btx.experts:
+    return [SEED]
+  stages = [SEED, *map(expert_stage, btx.experts), MIX, FINETUNE, EVAL]
+  return stages + ([EXPORT] if btx.export else [])
+
+
+def _with_training(config: ExperimentConfig, stage: StageConfig) -> ExperimentConfig:
+  """`config` with the stage's steps, learning rate and warmup where set."""
+  steps = stage.steps or config.train.steps
+  optimizer = dataclasses.replace(
+      config.optimizer, learning_rate=stage.learning_rate or config.optimizer.learning_rate,
+      warmup_steps=(stage.warmup_steps if stage.warmup_steps >= 0
+                    else min(config.optimizer.warmup_steps, steps)))
+  window = profile_window(config.profile_steps)  # traced only where the stage has those steps
+  profile = config.profile_steps if window and window[1] <= steps else ""
+  return dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps),
+                             optimizer=optimizer, btx=BTXConfig(), profile_steps=profile)
+
+
+def seed_config(config: ExperimentConfig) -> ExperimentConfig:
+  """The seed stage: the experiment's model on its data, without the BTX settings."""
+  return dataclasses.replace(config, btx=BTXConfig())
+
+
+def expert_config(config: ExperimentConfig, domain: str) -> ExperimentConfig:
+  """Expert `domain`: the seed's model trained on that domain alone, its own schedule.
+
+  The optimizer freezes nothing (a dense model has no experts to freeze).
+  """
+  spec = dataclasses.replace(config.data.domains[domain], weight=1.0)
+  data = dataclasses.replace(config.data, domains={domain: spec}, reweighting="none")
+  derived = _with_training(config, config.btx.experts[domain])
+  return dataclasses.replace(derived, data=data,
+                             optimizer=dataclasses.replace(derived.optimizer, freeze="none"))
+
+
+def moe_model_config(config: ExperimentConfig) -> ModelConfig:
+  """The mixed model: the seed's decoder with every FFN an MoE layer of the mixed experts.
+
+  `n_experts` = mixed models × split chunks, expert width = d_ff / chunks, top-k × chunks.
+  """
+  btx = config.btx
+  chunks = btx.split_chunks if btx.ffn == "split" else 1
+  moe = dataclasses.replace(btx.moe, n_experts=len(btx.expert_names) * chunks,
+                            top_k=btx.moe.top_k * chunks, d_ff=config.model.d_ff // chunks)
+  return dataclasses.replace(config.model, moe=moe)
+
+
+def finetune_config(config: ExperimentConfig) -> ExperimentConfig:
+  """The MoE finetune: the mixed model on the finetune mixture, its own schedule."""
+  weights = config.btx.finetune_weights
+  domains = ({name: dataclasses.replace(spec, weight=weights.get(name, 0.0))
+              for name, spec in config.data.domains.items()} if weights
+             else config.data.domains)
+  data = dataclasses.replace(config.data, domains=domains)
+  derived = _with_training(config, config.btx.finetune)
+  return dataclasses.replace(derived, data=data, model=moe_model_config(config))
+
+
+def eval_config(config: ExperimentConfig) -> ExperimentConfig:
+  """Validation of every model on every domain (the weights do not matter there)."""
+  domains = {name: dataclasses.replace(spec, weight=1.0) if spec.weight == 0 else spec
+             for name, spec in config.data.domains.items()}
+  return dataclasses.replace(config, data=dataclasses.replace(config.data, domains=domains))
+
+
+def _mix_identity(config: ExperimentConfig) -> dict[str, Any]:
+  btx = config.btx
+  keys = ("seed_checkpoint", "experts", "seed_as_expert", "mix_weights", "ffn", "split_chunks",
+          "router_init", "router_init_batches")
+  return {"seed": config.seed, "model": to_dict(moe_model_config(config)),
+          "btx": {k: _plain(getattr(btx, k)) for k in keys},
+          **({"data": to_dict(config.data)} if btx.router_init == "hidden" else {})}
+
+
+def _plain(value: Any) -> Any:
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  return to_dict(value) if dataclasses.is_dataclass(value) else value
+
+
+def stage_identity(config: ExperimentConfig, stage: str) -> dict[str, Any]:
+  """What `stage`'s output depends on, as a flat {dotted key: value} dict."""
+  if stage == SEED:
+    tree = (to_dict(seed_config(config)) if not config.btx.seed_checkpoint
+            else {"btx": {"seed_checkpoint": config.btx.seed_checkpoint}})
+  elif stage.startswith(EXPERT_PREFIX):
+    tree = to_dict(expert_config(config, stage.removeprefix(EXPERT_PREFIX)))
+  elif stage == MIX:
+    tree = _mix_identity(config)
+  elif stage == FINETUNE:
+    tree = to_dict(finetune_config(config)) | {"mix": _mix_identity(config)}
+  else:  # eval and export depend on everything before them
+    btx = config.btx
+    tree = {"finetune": stage_identity(config, FINETUNE),
+            "btx": {"task_examples": btx.task_examples,
+                    "task_max_tokens": btx.task_max_tokens},
+            "train.eval_batches": config.train.eval_batches}
+  flat = _flatten(tree)
+  return {k: v for k, v in flat.items()
+          if k not in _RUN_ONLY_KEYS and not k.startswith(_RUN_ONLY_GROUPS)}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, dict) and value:
+      flat |= _flatten(value, f"{path}.")
+    else:
+      flat[path] = value
+  return flat
+
+
+def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """The dotted keys whose values differ (or exist on one side only), sorted."""
+  keys = set(recorded) | set(current)
+  return sorted(k for k in keys if recorded.get(k, "<unset>") != _json(current.get(k, "<unset>")))
+
+
+def _json(value: Any) -> Any:
+  """`value` as it reads back from JSON (tuples become lists)."""
+  if isinstance(value, tuple):
+    return [_json(v) for v in value]
+  return value
+

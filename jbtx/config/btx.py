@@ -1,0 +1,111 @@
+"""Branch-Train-MiX: the stages after the seed (experts, mix, finetune, eval, export)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from jbtx.config.base import require as _require
+from jbtx.config.model import MoEConfig
+
+MixFFN = Literal["experts", "blend", "split"]
+RouterInit = Literal["random", "hidden"]
+SEED_EXPERT = "seed"  # the name of the seed's FFN among the mixed experts
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+  """How long and how fast one training stage runs; unset values come from the
+  experiment's `train.steps`, `optimizer.learning_rate` and `optimizer.warmup_steps`.
+
+  Attributes:
+    steps: optimizer steps (0 = `train.steps`).
+    learning_rate: peak learning rate (0 = `optimizer.learning_rate`).
+    warmup_steps: linear warmup steps (-1 = `optimizer.warmup_steps`).
+  """
+
+  steps: int = 0
+  learning_rate: float = 0.0
+  warmup_steps: int = -1
+
+  def __post_init__(self):
+    _require(self.steps >= 0, "steps", f"must be non-negative (0 = train.steps), got {self.steps}")
+    _require(self.learning_rate >= 0, "learning_rate",
+             f"must be non-negative (0 = optimizer.learning_rate), got {self.learning_rate}")
+    _require(self.warmup_steps >= -1, "warmup_steps",
+             f"must be at least -1 (-1 = optimizer.warmup_steps), got {self.warmup_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BTXConfig:
+  """The BTX pipeline: seed -> one expert per domain -> mix -> MoE finetune -> eval -> export.
+
+  With no `experts` the experiment is the seed stage alone (e.g. an MoE from scratch).
+
+  Attributes:
+    seed_checkpoint: a converted jbtx checkpoint (`python -m jbtx.convert import`) used
+      as the seed instead of training one ("" = train `config.model`).
+    experts: domain name (a key of `data.domains`) -> its training stage; each expert
+      starts from the seed's parameters with a fresh optimizer and trains on that
+      domain alone.
+    only: run this one stage and exit ("expert/<domain>", "seed", "mix", "finetune",
+      "eval", "export"; "" = every stage that is not complete).
+    seed_as_expert: the seed's FFN is one more expert ("generalist", last).
+    mix_weights: averaging weights of the non-FFN parameters, by expert name (and
+      "seed"); empty = uniform over the mixed models.
+    ffn: "experts" (expert i's FFN is MoE expert i), "blend" (every MoE expert is the
+      average FFN: the paper's blending ablation) or "split" (each FFN cut into
+      `split_chunks` experts along d_ff, top-k becomes `split_chunks · k`).
+    split_chunks: chunks per FFN for `ffn = "split"`.
+    router_init: "random" (normal, `model.init_std`) or "hidden": router column of
+      expert i = the centred, unit-norm mean of the seed's MoE-layer inputs over
+      domain i's training tokens (as mergekit-moe's `hidden` mode; not in the paper).
+    router_init_batches: training batches per domain averaged for "hidden".
+    moe: the MoE layer of the mixed model; `n_experts` and `d_ff` are set by the mix
+      (experts × chunks, d_ff / chunks), `top_k` is multiplied by `split_chunks`.
+    finetune: the MoE finetune's training stage.
+    finetune_weights: domain -> sampling weight of the finetune mixture (empty = the
+      `data.domains` weights).
+    task_examples: items per task domain (math, knowledge) scored by exact match.
+    task_max_tokens: tokens generated per task item.
+    export: write the final model in Hugging Face Mixtral format to `workdir/hf/`.
+  """
+
+  seed_checkpoint: str = ""
+  experts: dict[str, StageConfig] = dataclasses.field(default_factory=dict)
+  only: str = ""
+  seed_as_expert: bool = True
+  mix_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+  ffn: MixFFN = "experts"
+  split_chunks: int = 2
+  router_init: RouterInit = "random"
+  router_init_batches: int = 4
+  moe: MoEConfig = dataclasses.field(
+      default_factory=lambda: MoEConfig(n_experts=4, top_k=2, load_balance="btx",
+                                        load_balance_coef=0.01))
+  finetune: StageConfig = dataclasses.field(default_factory=StageConfig)
+  finetune_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+  task_examples: int = 64
+  task_max_tokens: int = 160
+  export: bool = True
+
+  def __post_init__(self):
+    _require(SEED_EXPERT not in self.experts, f"experts.{SEED_EXPERT}",
+             f"{SEED_EXPERT!r} names the seed's expert (btx.seed_as_expert); "
+             "choose another name")
+    _require(self.split_chunks > 0, "split_chunks",
+             f"must be positive, got {self.split_chunks}")
+    _require(self.router_init_batches > 0, "router_init_batches",
+             f"must be positive, got {self.router_init_batches}")
+    _require(self.task_examples >= 0, "task_examples",
+             f"must be non-negative, got {self.task_examples}")
+    _require(self.task_max_tokens > 0, "task_max_tokens",
+             f"must be positive, got {self.task_max_tokens}")
+    for name, weight in {**self.mix_weights, **self.finetune_weights}.items():
+      _require(weight >= 0, "mix_weights" if name in self.mix_weights else "finetune_weights",
+               f"weights must be non-negative, got {name}: {weight}")
+
+  @property
+  def expert_names(self) -> tuple[str, ...]:
+    """The mixed models in expert order: the domain experts, then the seed if mixed."""
+    return tuple(self.experts) + ((SEED_EXPERT,) if self.seed_as_expert else ())

@@ -1,0 +1,116 @@
+"""Exact-match scoring of generation tasks (`{"prompt", "answer"}`, as the demo data builds).
+
+    result = exact_match(model, params, tokenizer, tasks, max_new_tokens=64, batch_size=32)
+    result["accuracy"]
+
+Each prompt is encoded with BOS (as training documents start), continued greedily
+until EOS or `max_new_tokens`, and the answer extracted from the continuation is
+compared with the task's answer after `normalize_answer` on both.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from jbtx.data.tokenizers import Tokenizer
+from jbtx.eval.generate import generate_ragged
+
+ANSWER_MARKER = "Answer:"
+_PROMPT_MULTIPLE = 32  # prompt lengths are padded up to a multiple of this (few shapes)
+_THOUSANDS = re.compile(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?")
+
+
+def normalize_answer(text: str) -> str:
+  """The form in which answers are compared.
+
+  Strips the ends, collapses runs of whitespace to one space, drops trailing
+  punctuation (`.,;:!?`), removes the commas of a number written with thousands
+  separators ("1,000." -> "1000", "-1,234.5" -> "-1234.5") and lowercases.
+  """
+  text = " ".join(text.split()).rstrip(".,;:!? ")
+  if _THOUSANDS.fullmatch(text):
+    text = text.replace(",", "")
+  return text.lower()
+
+
+def extract_answer(continuation: str, prompt: str = "") -> str:
+  """The model's answer in the text it generated after `prompt`.
+
+  When the prompt ends with "Answer:" (knowledge questions), the answer follows
+  directly: the continuation's first line. Otherwise (math prompts end with
+  "Solution:" and the worked solution ends in a line "Answer: <int>") it is the
+  text after the continuation's first "Answer:" up to the next newline, or the
+  continuation's first line when it has no "Answer:".
+  """
+  if not prompt.rstrip().endswith(ANSWER_MARKER):
+    _, marker, after = continuation.partition(ANSWER_MARKER)
+    if marker:
+      continuation = after
+  return continuation.split("\n", 1)[0]
+
+
+def _batch_prompts(tokenizer: Tokenizer, prompts: Sequence[str]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Right-padded int32 tokens `[batch, max_len]` (BOS first) and lengths `[batch]`.
+
+  `max_len` is the longest prompt rounded up to a multiple of 32.
+  """
+  encoded = [tokenizer.encode(p, add_bos=True) for p in prompts]
+  lengths = np.array([len(e) for e in encoded], np.int32)
+  max_len = -(-int(lengths.max()) // _PROMPT_MULTIPLE) * _PROMPT_MULTIPLE
+  tokens = np.full((len(encoded), max_len), tokenizer.pad_id, np.int32)
+  for row, ids in zip(tokens, encoded, strict=True):
+    row[:len(ids)] = ids
+  return tokens, lengths
+
+
+def _continuation(tokenizer: Tokenizer, ids: np.ndarray) -> str:
+  """Generated ids `[n]` as text, cut at the first EOS."""
+  stops = np.flatnonzero(ids == tokenizer.eos_id)
+  return tokenizer.decode(ids[:stops[0]] if stops.size else ids)
+
+
+def _is_correct(task: Mapping[str, str], continuation: str) -> bool:
+  """Whether the answer in `continuation` matches the task's, after normalisation."""
+  predicted = extract_answer(continuation, task["prompt"])
+  return normalize_answer(predicted) == normalize_answer(task["answer"])
+
+
+def exact_match(model: nn.Module, params: Any, tokenizer: Tokenizer,
+                tasks: Sequence[Mapping[str, str]], max_new_tokens: int,
+                batch_size: int) -> dict:
+  """Greedy exact-match accuracy of `model` on `tasks` (`{"prompt", "answer"}` each).
+
+  Prompts run in batches of `batch_size` (the last one filled up with copies, so all
+  batches share a shape) through `generate_ragged`.
+
+  Returns:
+    `{"accuracy", "correct", "n", "examples"}`; examples are the first three tasks
+    as `{"prompt", "answer", "output"}`, output being the generated continuation.
+  """
+  if not tasks:
+    raise ValueError("exact_match needs at least one task")
+  batch_size = min(batch_size, len(tasks))
+  starts = range(0, len(tasks), batch_size)
+  outputs: list[str] = []
+  for start in tqdm.tqdm(starts, desc="exact match", unit="batch",
+                         disable=None if len(starts) > 1 else True):
+    batch = list(tasks[start:start + batch_size])
+    batch += [batch[-1]] * (batch_size - len(batch))
+    tokens, lengths = _batch_prompts(tokenizer, [t["prompt"] for t in batch])
+    generated = generate_ragged(model, params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                max_new_tokens, eos_id=int(tokenizer.eos_id))
+    outputs += [_continuation(tokenizer, ids) for ids in np.asarray(generated)]
+  outputs = outputs[:len(tasks)]
+  correct = sum(_is_correct(task, out) for task, out in zip(tasks, outputs, strict=True))
+  examples = [{"prompt": t["prompt"], "answer": t["answer"], "output": out}
+              for t, out in zip(tasks[:3], outputs[:3], strict=True)]
+  return {"accuracy": correct / len(tasks), "correct": correct, "n": len(tasks),
+          "examples": examples}
