@@ -20,17 +20,15 @@ environment) makes the processes join one JAX job (`jbtx.distributed`).
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jbtx import distributed, host_memory
 from jbtx.btx import pipeline as btx_pipeline
-from jbtx.config import ConfigError, ExperimentConfig, from_mapping, to_dict
+from jbtx.config import ConfigError, ExperimentConfig, from_mapping
 from jbtx.data import pipeline
 from jbtx.training.loop import Preempted, log
 
@@ -57,9 +55,6 @@ def check_vocabulary(config: ExperimentConfig) -> None:
 def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
   """Runs every stage of the experiment that is not complete in `workdir`."""
   check_vocabulary(config)
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
   btx_pipeline.run(config, workdir)
 
 

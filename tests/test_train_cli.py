@@ -35,7 +35,7 @@ def test_seed_stage_trains_saves_and_is_idempotent(tmp_path):
 
   second = _train(tmp_path)
   assert second.returncode == 0, second.stderr
-  assert "already complete" in second.stdout
+  assert "seed: already complete" in second.stdout
   assert "[seed] step" not in second.stdout + second.stderr
 
 

@@ -20,14 +20,16 @@ DEVICES = 4
 ARGS = (f"--config.train.steps={STEPS}", "--config.train.log_every=5",
         "--config.train.checkpoint_every=5", "--config.train.eval_batches=1",
         "--config.train.sample_tokens=0", "--config.optimizer.warmup_steps=2",
-        "--config.data.batch_size=4", "--config.data.seq_len=32", "--config.model.n_layers=2")
+        "--config.data.batch_size=4", "--config.data.seq_len=32", "--config.model.n_layers=2",
+        "--config.btx.only=seed")
 
 
 # A short run of the demo configs on one device (the CLI and notebook tests).
 SHORT_ARGS = ("--config.train.steps=6", "--config.train.log_every=3",
               "--config.train.eval_batches=1", "--config.optimizer.warmup_steps=2",
               "--config.data.batch_size=8", "--config.data.seq_len=64",
-              "--config.model.n_layers=2", "--config.train.sample_tokens=8")
+              "--config.model.n_layers=2", "--config.train.sample_tokens=8",
+              "--config.btx.only=seed")
 
 
 @pytest.fixture(scope="session")
@@ -82,5 +84,29 @@ def moe_run(tmp_path_factory):
                              f"--workdir={workdir}", *SHORT_ARGS],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+    (workdir / "output.txt").write_text(result.stdout + result.stderr)
+  return workdir
+
+
+# The BTX pipeline shrunk (tests/btx_short.py): seed, expert/code, expert/math, mix,
+# finetune, eval, export.
+def btx_command(workdir, *extra) -> list[str]:
+  return [sys.executable, "-m", "jbtx.train", "--config=tests/btx_short.py",
+          f"--workdir={workdir}", *extra]
+
+
+def btx(workdir, env, *extra) -> subprocess.CompletedProcess:
+  return subprocess.run(btx_command(workdir, *extra), capture_output=True, text=True, env=env,
+                        timeout=900)
+
+
+@pytest.fixture(scope="session")
+def btx_run(tmp_path_factory, run_env):
+  """Work directory of an uninterrupted shortened BTX pipeline; its console output is
+  in `output.txt` there."""
+  workdir = tmp_path_factory.getbasetemp() / "btx"
+  if not (workdir / "results.json").exists():
+    result = btx(workdir, run_env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (workdir / "output.txt").write_text(result.stdout + result.stderr)
   return workdir

@@ -30,7 +30,7 @@ from jbtx import checkpoint, convert
 from jbtx.btx import mix, router_init, stages
 from jbtx.btx.results import evaluate_model, summarise, table, total_compute
 from jbtx.btx.sources import CheckpointSource
-from jbtx.config import ConfigError, ExperimentConfig
+from jbtx.config import ConfigError, ExperimentConfig, to_dict
 from jbtx.config.btx import SEED_EXPERT
 from jbtx.data import pipeline as data_pipeline
 from jbtx.interop.llama_hf import ConversionError
@@ -302,6 +302,9 @@ def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
   if config.btx.seed_checkpoint:
     _check_seed_checkpoint(config, paths)
   check_workdir(config, paths)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
   names = stages.stage_names(config)
   selected = [config.btx.only] if config.btx.only else names
   progress = Progress(names)

@@ -51,8 +51,13 @@ class ExperimentConfig:
              "optimizer.grad_accum_steps",
              f"must divide data.batch_size ({self.data.batch_size}), "
              f"got {self.optimizer.grad_accum_steps}")
-    if self.btx.experts or self.btx.only:
+    if self.btx.experts:
       _check_btx(self)
+    stages = {"", "seed"} | ({"mix", "finetune", "eval", "export"} | {
+        f"expert/{name}" for name in self.btx.experts} if self.btx.experts else set())
+    _require(self.btx.only in stages, "btx.only",
+             f"must be one of {', '.join(sorted(s for s in stages if s))}, "
+             f"got {self.btx.only!r}")
 
 
 def _check_btx(config: ExperimentConfig) -> None:
@@ -82,7 +87,3 @@ def _check_btx(config: ExperimentConfig) -> None:
   top_k = btx.moe.top_k * (btx.split_chunks if btx.ffn == "split" else 1)
   _require(top_k <= n_experts, "btx.moe.top_k",
            f"exceeds the {n_experts} mixed experts (after splitting), got {btx.moe.top_k}")
-  stages = {"", "seed", "mix", "finetune", "eval", "export"} | {
-      f"expert/{name}" for name in btx.experts}
-  _require(btx.only in stages, "btx.only",
-           f"must be one of {', '.join(sorted(s for s in stages if s))}, got {btx.only!r}")

@@ -1,0 +1,188 @@
+"""The BTX pipeline end to end on a shrunken demo (tests/btx_short.py): stages, results,
+compute accounting, kill -9 and rerun, experts as independent jobs, refusal of a
+workdir made by another experiment, and the Mixtral export against transformers."""
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import jbtx
+from jbtx import checkpoint
+from tests.training_runs import (
+    btx,
+    btx_command,
+    btx_run,  # noqa: F401 (fixture)
+    run_env,  # noqa: F401 (fixture)
+)
+
+MODELS = ("seed", "code", "math", "btx")
+
+
+def _params(directory):
+  return checkpoint.load_params(directory, as_numpy=True)
+
+
+def _assert_same_params(a, b):
+  equal = jax.tree.map(np.array_equal, a, b)
+  assert all(jax.tree.leaves(equal)), equal
+
+
+def test_pipeline_runs_every_stage_and_writes_the_results_table(btx_run):  # noqa: F811
+  output = (btx_run / "output.txt").read_text()
+  for i, stage in enumerate(["seed", "expert/code", "expert/math", "mix", "finetune", "eval",
+                             "export"], start=1):
+    assert f"[btx] stage {i}/7 {stage}: starting" in output
+    assert f"[btx] stage {i}/7 {stage}: done in " in output
+  results = json.loads((btx_run / "results.json").read_text())
+  rows = results["rows"]
+  assert tuple(rows) == MODELS
+  for row in rows.values():
+    assert set(row["domains"]) == {"code", "math", "knowledge", "general"}
+    assert set(row["tasks"]) == {"math", "knowledge"}
+    assert all(t["n"] == 4 for t in row["tasks"].values())
+    for domain in row["domains"].values():
+      assert domain["perplexity"] == pytest.approx(np.exp(domain["loss"]))
+  assert "ppl code" in output and "train FLOPs" in output  # the printed table
+
+  # Each expert trained on its own domain only, from the seed.
+  for name in ("code", "math"):
+    record = checkpoint.read_record(btx_run / "expert" / name)
+    assert set(record["metrics"]["validation"]["domains"]) == {name}
+    assert rows[name]["domains"][name]["loss"] < rows["seed"]["domains"][name]["loss"]
+
+  # Compute: 6 steps x 4 x 32 tokens per stage; BTX counts its experts and the finetune.
+  compute = {name: rows[name]["compute"] for name in MODELS}
+  assert all(compute[name]["tokens"] == 6 * 4 * 32 for name in ("seed", "code", "math"))
+  finetune = checkpoint.read_record(btx_run / "finetune")["metrics"]["compute"]
+  assert compute["btx"]["flops"] == pytest.approx(
+      compute["code"]["flops"] + compute["math"]["flops"] + finetune["flops"])
+  assert finetune["flops"] > compute["seed"]["flops"]  # top-2 of 3 experts: more active FFN
+
+
+def test_mixed_model_has_the_experts_ffns_and_averaged_rest(btx_run):  # noqa: F811
+  mixed = _params(btx_run / "mix")
+  dense = [_params(btx_run / d) for d in ("expert/code", "expert/math", "seed")]
+  config = checkpoint.load_config(btx_run / "mix")
+  assert config.moe.n_experts == 3 and config.moe.top_k == 2 and not config.scan_layers
+  for layer in range(config.n_layers):
+    moe = mixed[f"layers_{layer}"]["moe"]
+    for i, expert in enumerate(dense):
+      for name in ("gate", "up", "down"):
+        np.testing.assert_array_equal(moe[name][i],
+                                      expert["layers"]["mlp"][name]["kernel"][layer])
+    np.testing.assert_allclose(  # float32 accumulation of a 3-way mean
+        mixed[f"layers_{layer}"]["attn"]["q"]["kernel"],
+        np.mean([d["layers"]["attn"]["q"]["kernel"][layer] for d in dense], axis=0), rtol=1e-6,
+        atol=1e-7)
+  np.testing.assert_allclose(mixed["embed"]["embedding"],
+                             np.mean([d["embed"]["embedding"] for d in dense], axis=0),
+                             rtol=1e-6, atol=1e-7)
+
+
+def test_a_complete_pipeline_is_skipped_and_a_changed_experiment_refused(
+    btx_run, run_env, tmp_path):  # noqa: F811
+  workdir = tmp_path / "copy"
+  shutil.copytree(btx_run, workdir)
+  again = btx(workdir, run_env)
+  assert again.returncode == 0, again.stderr
+  assert again.stdout.count("already complete") == 7
+  before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+
+  changed = btx(workdir, run_env, "--config.btx.moe.top_k=1")
+  assert changed.returncode == 2
+  assert "config key 'model.moe.top_k'" in changed.stderr
+  assert "mix was made by another experiment" in changed.stderr
+  changed = btx(workdir, run_env, "--config.btx.experts.math.steps=7")
+  assert changed.returncode == 2 and "'train.steps'" in changed.stderr
+  assert "expert/math was made by another experiment" in changed.stderr
+  after = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+  assert after == before  # nothing written
+
+
+def test_experts_trained_as_separate_jobs_mix_into_the_same_model(
+    btx_run, run_env, tmp_path):  # noqa: F811
+  hosts = {}
+  for expert in ("code", "math"):
+    hosts[expert] = tmp_path / f"host_{expert}"
+    shutil.copytree(btx_run / "seed", hosts[expert] / "seed")
+    result = btx(hosts[expert], run_env, f"--config.btx.only=expert/{expert}")
+    assert result.returncode == 0, result.stderr
+    assert not (hosts[expert] / "mix").exists()  # one stage, then exit
+  mixer = tmp_path / "mixer"
+  shutil.copytree(btx_run / "seed", mixer / "seed")
+  for expert, host in hosts.items():
+    shutil.copytree(host / "expert" / expert, mixer / "expert" / expert)
+  result = btx(mixer, run_env, "--config.btx.only=mix")
+  assert result.returncode == 0, result.stderr
+  _assert_same_params(_params(mixer / "mix"), _params(btx_run / "mix"))
+
+  missing = btx(tmp_path / "empty", run_env, "--config.btx.only=mix")
+  assert missing.returncode == 2 and "stage mix needs seed, expert/code" in missing.stderr
+
+
+def _complete_steps(directory):
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def _kill_when(workdir, env, ready):
+  """Starts the pipeline and kills it (-9) as soon as `ready()` holds."""
+  process = subprocess.Popen(btx_command(workdir), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env)
+  deadline = time.monotonic() + 600
+  while not ready():
+    if process.poll() is not None or time.monotonic() > deadline:
+      process.kill()
+      pytest.fail(f"the run ended before the kill:\n{process.communicate()[0][-3000:]}")
+    time.sleep(0.01)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+
+
+def test_kill9_during_expert_mix_and_finetune_then_rerun_gives_the_same_result(
+    btx_run, run_env, tmp_path):  # noqa: F811
+  expert = tmp_path / "expert" / "math"
+  _kill_when(tmp_path, run_env, lambda: _complete_steps(expert / "checkpoints"))
+  assert not (expert / checkpoint.CONFIG_FILE).exists()  # killed inside the stage
+
+  # What a mix killed midway leaves: its identity, a half-written staging directory and
+  # Orbax's temporary files. The rerun must discard them and mix again.
+  (tmp_path / "mix").mkdir()
+  shutil.copy(btx_run / "mix" / "stage.json", tmp_path / "mix" / "stage.json")
+  shutil.copytree(btx_run / "mix" / "params", tmp_path / "mix" / "model" / "params")
+  shutil.rmtree(tmp_path / "mix" / "model" / "params" / "state")
+  (tmp_path / "mix" / ".model.partial-0123abcd").mkdir()
+
+  finetune = tmp_path / "finetune"
+  _kill_when(tmp_path, run_env, lambda: _complete_steps(finetune / "checkpoints"))
+  assert not (finetune / checkpoint.CONFIG_FILE).exists()
+  assert (tmp_path / "mix" / checkpoint.CONFIG_FILE).exists()
+  assert not (tmp_path / "mix" / "model").exists()
+  assert not list((tmp_path / "mix").glob(".model.partial-*"))
+
+  result = btx(tmp_path, run_env)
+  assert result.returncode == 0, result.stderr
+  assert "[finetune] resuming from step" in result.stdout
+  _assert_same_params(_params(tmp_path / "finetune"), _params(btx_run / "finetune"))
+  assert (json.loads((tmp_path / "results.json").read_text())
+          == json.loads((btx_run / "results.json").read_text()))
+
+
+def test_exported_model_gives_jbtx_logits_in_transformers(btx_run):  # noqa: F811
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  hf = transformers.MixtralForCausalLM.from_pretrained(btx_run / "hf", torch_dtype=torch.float32)
+  hf.eval()
+  model, params = jbtx.load(btx_run / "finetune")
+  tokens = np.random.default_rng(0).integers(3, 259, (2, 24)).astype(np.int32)
+  ours = np.asarray(model.apply({"params": params}, tokens))
+  with torch.no_grad():
+    theirs = hf(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
