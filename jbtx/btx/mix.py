@@ -17,6 +17,7 @@ mixing checkpoints on disk holds a few tensors in memory, never N models.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -78,11 +79,16 @@ def random_routers(config: ModelConfig, seed: int) -> Callable[[int], np.ndarray
   return router
 
 
+# ModelConfig fields that change no stored tensor (layout, compute numerics, init).
+_NOT_SHAPE_KEYS = ("max_seq_len", "dtype", "scan_layers", "remat_policy", "init_std")
+
+
 def check_compatible(sources: Sequence[Source], names: Sequence[str]) -> None:
   """Raises ValueError unless every model has the first one's decoder shape."""
   first = sources[0].config
   for source, name in zip(sources[1:], names[1:], strict=True):
-    if source.config != first:
+    layout = {k: getattr(first, k) for k in _NOT_SHAPE_KEYS}
+    if dataclasses.replace(source.config, **layout) != first:
       raise ValueError(f"cannot mix {name!r} with {names[0]!r}: their model configs differ "
                        f"({source.config} vs {first})")
   if first.moe is not None:
