@@ -60,7 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
                         load_balance_coef=0.01),
           finetune=StageConfig(steps=100, learning_rate=1e-3, warmup_steps=10),
           finetune_weights={"code": 0.3, "math": 0.3, "knowledge": 0.2, "general": 0.2},
-          task_examples=64, task_max_tokens=160, export=True),
+          task_examples=64, task_max_tokens={"math": 160, "knowledge": 32},
+          export=True),
       profile_steps="",  # e.g. "10,15": trace steps 10-15 into <stage>/tensorboard/
       dump_hlo=False,
       reuse_host_memory=True,  # glibc keeps freed blocks for reuse (faster on CPU)

@@ -15,5 +15,5 @@ def get_config() -> ml_collections.ConfigDict:
   short = {"steps": 6, "learning_rate": 1e-3, "warmup_steps": 2}
   config.btx.experts = {"code": dict(short), "math": dict(short)}
   config.btx.finetune.update(steps=6, warmup_steps=2)
-  config.btx.update(task_examples=4, task_max_tokens=8)
+  config.btx.update(task_examples=4, task_max_tokens={"math": 8, "knowledge": 8})
   return config

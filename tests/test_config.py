@@ -7,7 +7,7 @@ import sys
 import ml_collections
 import pytest
 
-from configs import btx, olmoe_tiny
+from configs import btx, llama2_7b_btx, olmoe_tiny
 from jbtx.config import (
     ConfigError,
     ExperimentConfig,
@@ -131,6 +131,51 @@ def _flat_keys(tree: dict, prefix: str = "") -> set[str]:
     else:
       keys.add(prefix + name)
   return keys
+
+
+@pytest.mark.parametrize("mutate, key, fragment", [
+    (lambda c: c.btx.experts.update(law={}), "btx.experts.law", "not a domain of data.domains"),
+    (lambda c: c.btx.experts.update(seed={}), "btx.experts.seed", "names the seed's expert"),
+    (lambda c: c.btx.update(only="expert/law"), "btx.only",
+     "must be one of eval, expert/code, expert/knowledge, expert/math, export"),
+    (lambda c: c.btx.update(ffn="split", split_chunks=5), "btx.split_chunks",
+     "must divide model.d_ff (352)"),
+    (lambda c: (c.btx.update(seed_as_expert=False), c.btx.moe.update(top_k=4)),
+     "btx.moe.top_k", "exceeds the 3 mixed experts"),
+    (lambda c: c.btx.update(mix_weights={"law": 1.0}), "btx.mix_weights.law",
+     "not a mixed model"),
+    (lambda c: setattr(c.btx, "finetune_weights", {"math": 0.0}), "btx.finetune_weights",
+     "sum to 0"),
+    (lambda c: setattr(c.btx, "task_max_tokens", {"math": 8}), "btx.task_max_tokens",
+     "'knowledge'"),
+    (lambda c: c.btx.experts.math.update(steps=-1), "btx.experts.math.steps",
+     "must be non-negative"),
+    (lambda c: c.update(model=presets.config_dict("tiny_moe")), "model.moe",
+     "a BTX seed is a dense model"),
+])
+def test_btx_settings_name_their_key(mutate, key, fragment):
+  config = btx.get_config()
+  mutate(config)
+  with pytest.raises(ConfigError) as info:
+    from_mapping(ExperimentConfig, config)
+  assert info.value.key == key
+  assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("platform", ["tpu_v5p_128", "gpu_8"])
+def test_paper_scale_btx_config_is_the_papers_model(platform):
+  from jbtx.btx import stages
+
+  config = from_mapping(ExperimentConfig, llama2_7b_btx.get_config(platform))
+  assert config.btx.expert_names == ("code", "math", "wiki", "seed")
+  assert config.data.seq_len * config.data.batch_size == 4096 * 1024  # 4M-token batches
+  moe = stages.moe_model_config(config)
+  # BTX (Sukhbaatar et al. 2024): 19.7B parameters, 11.1B active with top-2 of 4.
+  assert round(moe.num_params() / 1e9, 1) == 19.7
+  assert round(moe.num_active_params() / 1e9, 1) == 11.1
+  finetune = stages.finetune_config(config)
+  assert finetune.optimizer.learning_rate == 1e-4 and finetune.optimizer.warmup_steps == 100
+  assert finetune.data.domains["code"].weight == 40.31
 
 
 @pytest.mark.parametrize("experiment", [btx, olmoe_tiny])

@@ -18,7 +18,7 @@ mixing checkpoints on disk holds a few tensors in memory, never N models.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,14 +30,24 @@ FFN_KEYS = ("gate", "up", "down")
 Source = Any  # jbtx.btx.sources.TreeSource | CheckpointSource
 
 
-def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-  """`Σ_i w_i · a_i / Σ_i w_i`, accumulated in float32, in the dtype of the inputs."""
+def weighted_mean(arrays: Iterable[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+  """`Σ_i w_i · a_i / Σ_i w_i`, accumulated in float32, in the dtype of the inputs.
+
+  `arrays` may be a generator: each is drawn, added and released before the next, so
+  memory is one input and two float32 copies, not N inputs.
+  """
   total = float(sum(weights))
-  out = np.zeros(arrays[0].shape, np.float32)
+  out = dtype = None
   for array, weight in zip(arrays, weights, strict=True):
+    if out is None:
+      out, dtype = np.zeros(np.shape(array), np.float32), np.asarray(array).dtype
     if weight:
-      out += np.float32(weight / total) * np.asarray(array, np.float32)
-  return out.astype(arrays[0].dtype)
+      term = np.array(array, np.float32)
+      term *= np.float32(weight / total)
+      out += term
+      del term
+    del array
+  return out.astype(dtype)
 
 
 def moe_experts(ffns: Sequence[Mapping[str, np.ndarray]], ffn: str, chunks: int,
@@ -113,14 +123,15 @@ def mixed_parts(sources: Sequence[Source], config: ModelConfig, ffn: str, chunks
   """
   reference = sources[0]
   for path in reference.top_paths():
-    yield _nest(path, weighted_mean([s.top(path) for s in sources], weights))
+    yield _nest(path, weighted_mean((s.top(path) for s in sources), weights))
   for layer in range(config.n_layers):
     params: dict[str, Any] = {}
     for path in reference.layer_paths():
       if path[0] != "mlp":
-        _set(params, path, weighted_mean([s.layer(path, layer) for s in sources], weights))
+        _set(params, path, weighted_mean((s.layer(path, layer) for s in sources), weights))
     ffns = [{k: s.layer(("mlp", k, "kernel"), layer) for k in FFN_KEYS} for s in sources]
     params["moe"] = moe_experts(ffns, ffn, chunks, weights) | {"router": routers(layer)}
+    del ffns  # not held while the part is saved and the next layer is read
     yield {f"layers_{layer}": params}
 
 

@@ -31,6 +31,11 @@ def task_domains(config: ExperimentConfig) -> list[str]:
           if spec.source == "demo" and spec.name in demo.TASK_DOMAINS]
 
 
+def spec_name(config: ExperimentConfig, domain: str) -> str:
+  """The demo domain behind the data domain `domain` (its tasks' kind)."""
+  return config.data.domains[domain].name
+
+
 def evaluate_model(config: ExperimentConfig, directory: Any) -> dict[str, Any]:
   """Per-domain loss/perplexity and task accuracy of the checkpoint at `directory`."""
   model_config = checkpoint.load_config(directory)
@@ -45,7 +50,8 @@ def evaluate_model(config: ExperimentConfig, directory: Any) -> dict[str, Any]:
     local = host_params(params)
     for domain in task_domains(config):
       items = pipeline.eval_tasks(config.data, domain, "validation")[:config.btx.task_examples]
-      tasks[domain] = exact_match(model, local, tokenizer, items, config.btx.task_max_tokens,
+      tasks[domain] = exact_match(model, local, tokenizer, items,
+                                  config.btx.task_max_tokens[spec_name(config, domain)],
                                   batch_size=len(items))
   return {"domains": {d: {"loss": loss, "perplexity": math.exp(loss)}
                       for d, loss in validation["domains"].items()},

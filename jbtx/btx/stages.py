@@ -116,17 +116,24 @@ def _plain(value: Any) -> Any:
   return to_dict(value) if dataclasses.is_dataclass(value) else value
 
 
+def _training_identity(config: ExperimentConfig) -> dict[str, Any]:
+  """A derived training stage's settings (its `btx` group is unused, so left out)."""
+  return {k: v for k, v in to_dict(config).items() if k != "btx"}
+
+
 def stage_identity(config: ExperimentConfig, stage: str) -> dict[str, Any]:
   """What `stage`'s output depends on, as a flat {dotted key: value} dict."""
+  seed = ({"btx.seed_checkpoint": config.btx.seed_checkpoint} if config.btx.seed_checkpoint
+          else _training_identity(seed_config(config)))
   if stage == SEED:
-    tree = (to_dict(seed_config(config)) if not config.btx.seed_checkpoint
-            else {"btx": {"seed_checkpoint": config.btx.seed_checkpoint}})
+    tree = seed
   elif stage.startswith(EXPERT_PREFIX):
-    tree = to_dict(expert_config(config, stage.removeprefix(EXPERT_PREFIX)))
+    tree = (_training_identity(expert_config(config, stage.removeprefix(EXPERT_PREFIX)))
+            | {"from_seed": seed})
   elif stage == MIX:
     tree = _mix_identity(config)
   elif stage == FINETUNE:
-    tree = to_dict(finetune_config(config)) | {"mix": _mix_identity(config)}
+    tree = _training_identity(finetune_config(config)) | {"mix": _mix_identity(config)}
   else:  # eval and export depend on everything before them
     btx = config.btx
     tree = {"finetune": stage_identity(config, FINETUNE),

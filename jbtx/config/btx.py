@@ -67,7 +67,8 @@ class BTXConfig:
     finetune_weights: domain -> sampling weight of the finetune mixture (empty = the
       `data.domains` weights).
     task_examples: items per task domain (math, knowledge) scored by exact match.
-    task_max_tokens: tokens generated per task item.
+    task_max_tokens: tokens generated per task item, by task domain (a math solution is
+      worked out before its answer; a knowledge answer comes at once).
     export: write the final model in Hugging Face Mixtral format to `workdir/hf/`.
   """
 
@@ -86,7 +87,8 @@ class BTXConfig:
   finetune: StageConfig = dataclasses.field(default_factory=StageConfig)
   finetune_weights: dict[str, float] = dataclasses.field(default_factory=dict)
   task_examples: int = 64
-  task_max_tokens: int = 160
+  task_max_tokens: dict[str, int] = dataclasses.field(
+      default_factory=lambda: {"math": 160, "knowledge": 32})
   export: bool = True
 
   def __post_init__(self):
@@ -99,8 +101,8 @@ class BTXConfig:
              f"must be positive, got {self.router_init_batches}")
     _require(self.task_examples >= 0, "task_examples",
              f"must be non-negative, got {self.task_examples}")
-    _require(self.task_max_tokens > 0, "task_max_tokens",
-             f"must be positive, got {self.task_max_tokens}")
+    for name, tokens in self.task_max_tokens.items():
+      _require(tokens > 0, f"task_max_tokens.{name}", f"must be positive, got {tokens}")
     for name, weight in {**self.mix_weights, **self.finetune_weights}.items():
       _require(weight >= 0, "mix_weights" if name in self.mix_weights else "finetune_weights",
                f"weights must be non-negative, got {name}: {weight}")

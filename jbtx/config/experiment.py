@@ -78,6 +78,10 @@ def _check_btx(config: ExperimentConfig) -> None:
            "btx.finetune_weights", "the weights sum to 0")
   _require(not btx.mix_weights or sum(btx.mix_weights.values()) > 0, "btx.mix_weights",
            "the weights sum to 0")
+  for spec in config.data.domains.values():
+    if spec.source == "demo" and spec.name in ("math", "knowledge") and btx.task_examples:
+      _require(spec.name in btx.task_max_tokens, "btx.task_max_tokens",
+               f"needs an entry for the demo task domain {spec.name!r}")
   _require(btx.moe.every == 1 and btx.moe.n_shared_experts == 0, "btx.moe.every",
            "BTX mixes every layer's FFN into routed experts (every = 1, no shared experts)")
   if btx.ffn == "split":
