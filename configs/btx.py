@@ -58,9 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
           router_init="random",
           moe=MoEConfig(n_experts=4, top_k=2, routing="topk", load_balance="btx",
                         load_balance_coef=0.01),
-          finetune=StageConfig(steps=100, learning_rate=1e-3, warmup_steps=10),
+          finetune=StageConfig(steps=200, learning_rate=1e-3, warmup_steps=10),
           finetune_weights={"code": 0.3, "math": 0.3, "knowledge": 0.2, "general": 0.2},
-          task_examples=64, task_max_tokens={"math": 160, "knowledge": 32},
+          task_examples=32, task_max_tokens={"math": 160, "knowledge": 32},
           export=True),
       profile_steps="",  # e.g. "10,15": trace steps 10-15 into <stage>/tensorboard/
       dump_hlo=False,

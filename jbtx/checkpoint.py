@@ -15,7 +15,7 @@ import os
 import pathlib
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -82,15 +82,28 @@ def save_parts(directory: str | os.PathLike, model_config: ModelConfig, parts: I
 
   Each part (a nested dict holding some of the leaves) is written and released before
   the next is drawn from `parts`, so peak memory is about two parts, not the model
-  (Orbax's partial saving). This is how conversion streams a model to disk.
+  (Orbax's partial saving). This is how conversion streams a model to disk. A part is
+  written a leaf at a time: Orbax's write buffers (a copy and its compressed bytes) are
+  then one tensor's, not the whole part's.
   """
   with atomic_directory(directory) as tmp:
     for part in parts:
-      ocp.partial.save(tmp / PARAMS_DIR, part)
+      for leaf in _leaf_parts(part):
+        ocp.partial.save(tmp / PARAMS_DIR, leaf)
       del part
     ocp.partial.finalize(tmp / PARAMS_DIR)
     write_record(tmp, model_config, kind, extra)
   return pathlib.Path(directory).absolute()
+
+
+def _leaf_parts(tree: Any) -> Iterator[Any]:
+  """`tree` (nested mappings) as one nested dict per leaf, `{"a": {"b": leaf}}`."""
+  if not isinstance(tree, Mapping):
+    yield tree
+    return
+  for key, value in tree.items():
+    for leaf in _leaf_parts(value):
+      yield {key: leaf}
 
 
 def write_record(directory: str | os.PathLike, model_config: ModelConfig, kind: str = "llama",

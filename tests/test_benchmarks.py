@@ -49,3 +49,18 @@ def test_moe_layer_benchmark_times_every_path_and_both_references():
   assert set(rows) == {"blocked *", "capacity", "dense", "loop", "expert_choice", "(balanced)",
                        "(scanned)"}, run.stdout
   assert all(float(ratio) > 0 for ratio in rows.values())
+
+
+def test_mix_memory_benchmark_mixes_tiny_checkpoints_and_reports_the_ratio():
+  tiny = ["--d_model=32", "--n_layers=2", "--d_ff=24", "--vocab=97", "--dtype=float32",
+          "--experts=3"]
+  run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mix_memory.py"), *tiny],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert run.returncode == 0, run.stderr
+  before = re.search(r"^process before mixing +([\d.]+) GiB", run.stdout, re.M)
+  peak = re.search(r"^peak resident memory +([\d.]+) GiB", run.stdout, re.M)
+  ratio = re.search(r"^mix peak RSS / one expert checkpoint = ([\d.]+) \(target <= 1\.5\)$",
+                    run.stdout, re.M)
+  assert before and peak and ratio, run.stdout
+  assert 0 < float(before[1]) <= float(peak[1]) and float(ratio[1]) > 0
+  assert "(3 experts)" in run.stdout

@@ -2,6 +2,7 @@
 compute accounting, kill -9 and rerun, experts as independent jobs, refusal of a
 workdir made by another experiment, and the Mixtral export against transformers."""
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -14,6 +15,7 @@ import pytest
 
 import jbtx
 from jbtx import checkpoint
+from jbtx.models.llama import unstack_layers
 from tests.training_runs import (
     btx,
     btx_command,
@@ -186,3 +188,48 @@ def test_exported_model_gives_jbtx_logits_in_transformers(btx_run):  # noqa: F81
   with torch.no_grad():
     theirs = hf(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
   np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def _seed_and_experts(run, workdir):
+  for stage in ("seed", "expert/code", "expert/math"):
+    shutil.copytree(run / stage, workdir / stage)
+
+
+def test_a_converted_seed_checkpoint_is_used_instead_of_training_one(
+    btx_run, run_env, tmp_path):  # noqa: F811
+  converted = tmp_path / "converted"
+  model, params = jbtx.load(btx_run / "seed")
+  unrolled = dataclasses.replace(model.config, scan_layers=False)  # as `convert` may write
+  checkpoint.save(converted, unrolled, unstack_layers(jax.device_get(params)))
+  result = btx(tmp_path / "run", run_env, f"--config.btx.seed_checkpoint={converted}",
+               "--config.btx.only=expert/code")
+  assert result.returncode == 0, result.stderr
+  assert not (tmp_path / "run" / "seed").exists()
+  _assert_same_params(_params(tmp_path / "run" / "expert" / "code"),
+                      _params(btx_run / "expert" / "code"))
+
+  wrong = btx(tmp_path / "wrong", run_env, f"--config.btx.seed_checkpoint={converted}",
+              "--config.model.d_ff=64")
+  assert wrong.returncode == 2
+  assert "config key 'model.d_ff': the seed checkpoint" in wrong.stderr
+
+
+def test_finetune_variants_are_overrides_of_the_stage(btx_run, run_env, tmp_path):  # noqa: F811
+  _seed_and_experts(btx_run, tmp_path)
+  result = btx(tmp_path, run_env, "--config.btx.moe.routing=sample_top1",
+               "--config.optimizer.freeze=experts", "--config.btx.moe.load_balance_coef=0",
+               "--config.btx.router_init=hidden")
+  assert result.returncode == 0, result.stderr
+  assert "[btx] stage 1/7 seed: already complete" in result.stdout
+  assert "[export] skipped: routing 'sample_top1'" in result.stdout
+  assert not (tmp_path / "hf" / "config.json").exists()
+  config = checkpoint.load_config(tmp_path / "finetune")
+  assert config.moe.routing == "sample_top1" and config.moe.load_balance_coef == 0
+  mixed, tuned = _params(tmp_path / "mix"), _params(tmp_path / "finetune")
+  for layer in range(config.n_layers):  # frozen experts; the router trained
+    for name in ("gate", "up", "down"):
+      np.testing.assert_array_equal(tuned["layers"]["moe"][name][layer],
+                                    mixed[f"layers_{layer}"]["moe"][name])
+  assert not np.array_equal(tuned["layers"]["moe"]["router"][0],
+                            mixed["layers_0"]["moe"]["router"])
+  assert set(json.loads((tmp_path / "results.json").read_text())["rows"]) == set(MODELS)

@@ -55,26 +55,30 @@ def moe_experts(ffns: Sequence[Mapping[str, np.ndarray]], ffn: str, chunks: int,
   """The expert kernels of one MoE layer from the models' FFNs.
 
   Args:
-    ffns: per model, `gate`, `up` `[embed, mlp]` and `down` `[mlp, embed]`.
+    ffns: per model, `gate`, `up` `[embed, mlp]` and `down` `[mlp, embed]`, or some of
+      them (the same in every model; each kernel is mixed on its own).
     ffn: "experts", "blend" or "split" (module docstring).
     chunks: C for "split".
     weights: the models' averaging weights (for "blend").
 
   Returns:
-    `gate`, `up` `[E, embed, mlp']`, `down` `[E, mlp', embed]`, with E = N (C · N for
-    "split", expert i · C + c being chunk c of model i) and mlp' = mlp (/ C for "split").
+    `gate`, `up` `[E, embed, mlp']`, `down` `[E, mlp', embed]` (those given), with E = N
+    (C · N for "split", expert i · C + c being chunk c of model i) and mlp' = mlp (/ C
+    for "split").
   """
+  keys = [k for k in FFN_KEYS if k in ffns[0]]
   if ffn == "blend":
-    blended = {k: weighted_mean([f[k] for f in ffns], weights) for k in FFN_KEYS}
-    return {k: np.stack([blended[k]] * len(ffns)) for k in FFN_KEYS}
+    return {k: np.stack([weighted_mean([f[k] for f in ffns], weights)] * len(ffns))
+            for k in keys}
   if ffn == "split":
     split = lambda k, axis: [c for f in ffns for c in np.split(f[k], chunks, axis=axis)]
-    down = np.stack(split("down", 0))
-    return {"gate": np.stack(split("gate", 1)), "up": np.stack(split("up", 1)),
-            "down": (down.astype(np.float32) * chunks).astype(down.dtype)}
+    out = {k: np.stack(split(k, 0 if k == "down" else 1)) for k in keys}
+    if "down" in out:
+      out["down"] = (out["down"].astype(np.float32) * chunks).astype(out["down"].dtype)
+    return out
   if ffn != "experts":
     raise ValueError(f"config key 'btx.ffn': unknown value {ffn!r}")
-  return {k: np.stack([f[k] for f in ffns]) for k in FFN_KEYS}
+  return {k: np.stack([f[k] for f in ffns]) for k in keys}
 
 
 def random_routers(config: ModelConfig, seed: int) -> Callable[[int], np.ndarray]:
@@ -129,9 +133,11 @@ def mixed_parts(sources: Sequence[Source], config: ModelConfig, ffn: str, chunks
     for path in reference.layer_paths():
       if path[0] != "mlp":
         _set(params, path, weighted_mean((s.layer(path, layer) for s in sources), weights))
-    ffns = [{k: s.layer(("mlp", k, "kernel"), layer) for k in FFN_KEYS} for s in sources]
-    params["moe"] = moe_experts(ffns, ffn, chunks, weights) | {"router": routers(layer)}
-    del ffns  # not held while the part is saved and the next layer is read
+    moe: dict[str, np.ndarray] = {}
+    for k in FFN_KEYS:  # a kernel at a time: N slices of one kernel in memory, not N FFNs
+      moe |= moe_experts([{k: s.layer(("mlp", k, "kernel"), layer)} for s in sources], ffn,
+                         chunks, weights)
+    params["moe"] = moe | {"router": routers(layer)}
     yield {f"layers_{layer}": params}
 
 

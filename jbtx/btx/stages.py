@@ -54,21 +54,26 @@ def _with_training(config: ExperimentConfig, stage: StageConfig) -> ExperimentCo
                              optimizer=optimizer, btx=BTXConfig(), profile_steps=profile)
 
 
+def _dense(config: ExperimentConfig) -> ExperimentConfig:
+  """`config` freezing nothing if its model is dense: `optimizer.freeze` names MoE
+  parameters (experts, routers), so it applies to MoE stages (the BTX finetune)."""
+  if config.model.moe is not None:
+    return config
+  return dataclasses.replace(config,
+                             optimizer=dataclasses.replace(config.optimizer, freeze="none"))
+
+
 def seed_config(config: ExperimentConfig) -> ExperimentConfig:
   """The seed stage: the experiment's model on its data, without the BTX settings."""
-  return dataclasses.replace(config, btx=BTXConfig())
+  return _dense(dataclasses.replace(config, btx=BTXConfig()))
 
 
 def expert_config(config: ExperimentConfig, domain: str) -> ExperimentConfig:
-  """Expert `domain`: the seed's model trained on that domain alone, its own schedule.
-
-  The optimizer freezes nothing (a dense model has no experts to freeze).
-  """
+  """Expert `domain`: the seed's model trained on that domain alone, its own schedule."""
   spec = dataclasses.replace(config.data.domains[domain], weight=1.0)
   data = dataclasses.replace(config.data, domains={domain: spec}, reweighting="none")
-  derived = _with_training(config, config.btx.experts[domain])
-  return dataclasses.replace(derived, data=data,
-                             optimizer=dataclasses.replace(derived.optimizer, freeze="none"))
+  return _dense(dataclasses.replace(_with_training(config, config.btx.experts[domain]),
+                                    data=data))
 
 
 def moe_model_config(config: ExperimentConfig) -> ModelConfig:
