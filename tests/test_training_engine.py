@@ -51,7 +51,7 @@ def test_log_line_reports_mfu_or_na_and_skipped_steps():
 
 @pytest.mark.parametrize(("value", "message"), [
     ("10", "FIRST,LAST"), ("5,3", "1 <= FIRST <= LAST"), ("0,2", "1 <= FIRST <= LAST"),
-    ("10,400", "ends after train.steps (300)")])
+    ("10,400", "ends after train.steps (200)")])
 def test_bad_profile_steps_name_the_key(value, message):
   config = btx.get_config()
   config.profile_steps = value

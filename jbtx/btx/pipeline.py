@@ -288,12 +288,16 @@ class Progress:
           f"{s} {t:.0f} s ({t / total:.0%})" for s, t in self._times.items()))
 
 
-def _missing_inputs(config: ExperimentConfig, paths: Paths, stage: str) -> list[str]:
-  names = stages.stage_names(config)
-  needed = {stages.MIX: [s for s in names[:names.index(stages.MIX)]],
-            stages.FINETUNE: [stages.MIX], stages.EVAL: names[:names.index(stages.EVAL)],
-            stages.EXPORT: [stages.FINETUNE]}.get(stage, [stages.SEED])
-  return [s for s in needed if s != stage and not paths.complete(s)]
+def _inputs(config: ExperimentConfig, stage: str) -> list[str]:
+  """The stages whose outputs `stage` reads."""
+  experts = [stages.expert_stage(name) for name in config.btx.experts]
+  if stage == stages.SEED:
+    return []
+  if stage.startswith(stages.EXPERT_PREFIX):
+    return [stages.SEED]
+  return {stages.MIX: [stages.SEED, *experts], stages.FINETUNE: [stages.MIX],
+          stages.EVAL: [stages.SEED, *experts, stages.FINETUNE],
+          stages.EXPORT: [stages.FINETUNE]}[stage]
 
 
 def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
@@ -314,7 +318,7 @@ def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
         progress.skip(stage, paths.model_dir(SEED_EXPERT) if stage == stages.SEED
                       else paths.stage_dir(stage))
         continue
-      missing = _missing_inputs(config, paths, stage)
+      missing = [s for s in _inputs(config, stage) if not paths.complete(s)]
       if missing:
         raise ConfigError("btx.only", f"stage {stage} needs {', '.join(missing)} in "
                           f"{workdir} first: run them, or copy their directories there")
