@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 
+from jbtx import host_memory
+
 
 def _shape_for(gigabytes: float) -> dict:
   """A Llama-like shape (d_model 2048, vocab 32000) with enough layers for `gigabytes`."""
@@ -62,25 +64,13 @@ def write_meta_checkpoint(directory: pathlib.Path, gigabytes: float) -> int:
   return sum(f.stat().st_size for f in directory.glob("consolidated.*.pth"))
 
 
-def _peak_rss() -> int:
-  """High-water resident memory of this process image, in bytes.
-
-  Read from /proc (VmHWM) rather than getrusage: Linux carries ru_maxrss across
-  execve, so a child would report its parent's peak.
-  """
-  for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-    if line.startswith("VmHWM:"):
-      return int(line.split()[1]) * 1024
-  raise RuntimeError("VmHWM not found in /proc/self/status (Linux only)")
-
-
 def measure(source: str, output: str, dtype: str) -> None:
   """Runs in the child process: converts and prints its memory as JSON."""
   from jbtx import convert
 
-  baseline = _peak_rss()
+  baseline = host_memory.peak_rss()
   convert.import_checkpoint(source, output, dtype=dtype, show_progress=False)
-  peak = _peak_rss()
+  peak = host_memory.peak_rss()
   print(json.dumps({"baseline_bytes": baseline, "peak_bytes": peak}))
 
 

@@ -29,17 +29,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-
-def _peak_rss() -> int:
-  """High-water resident memory of this process image, in bytes.
-
-  Read from /proc (VmHWM) rather than getrusage: Linux carries ru_maxrss across
-  execve, so a child would report its parent's peak.
-  """
-  for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-    if line.startswith("VmHWM:"):
-      return int(line.split()[1]) * 1024
-  raise RuntimeError("VmHWM not found in /proc/self/status (Linux only)")
+from jbtx import host_memory
 
 
 def _du(directory: pathlib.Path) -> int:
@@ -104,7 +94,7 @@ def measure(out: str, sources: list[str]) -> None:
   from jbtx.config import MoEConfig
 
   jax.devices()  # Orbax starts the backend anyway: count it in the baseline.
-  baseline = _peak_rss()
+  baseline = host_memory.peak_rss()
   start = time.perf_counter()
   srcs = [CheckpointSource(s) for s in sources]
   names = [pathlib.Path(s).name for s in sources]
@@ -119,7 +109,7 @@ def measure(out: str, sources: list[str]) -> None:
   checkpoint.save_parts(out, unrolled, parts, extra={"stage": "mix", "experts": names,
                                                      "weights": weights})
   seconds = time.perf_counter() - start
-  print(json.dumps({"baseline_bytes": baseline, "peak_bytes": _peak_rss(),
+  print(json.dumps({"baseline_bytes": baseline, "peak_bytes": host_memory.peak_rss(),
                     "seconds": seconds}))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import pathlib
 
 # mallopt(3) parameters (glibc <malloc.h>).
 _M_TRIM_THRESHOLD = -1
@@ -55,3 +56,15 @@ def reuse_freed_blocks(keep_bytes: int = KEEP_BYTES) -> bool:
               (_M_ARENA_MAX, 1))
   accepted = [libc.mallopt(param, ctypes.c_int(value)) == 1 for param, value in settings]
   return all(accepted)
+
+
+def peak_rss() -> int:
+  """High-water resident memory of this process image, in bytes (Linux).
+
+  Read from /proc (VmHWM) rather than getrusage: Linux carries ru_maxrss across
+  execve, so a child would report its parent's peak.
+  """
+  for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+    if line.startswith("VmHWM:"):
+      return int(line.split()[1]) * 1024
+  raise RuntimeError("VmHWM not found in /proc/self/status (Linux only)")
