@@ -36,7 +36,7 @@ from jbtx.data import pipeline as data_pipeline
 from jbtx.interop.llama_hf import ConversionError
 from jbtx.models.llama import Llama
 from jbtx.training.guards import StopSignal
-from jbtx.training.loop import Preempted, log, train_stage
+from jbtx.training.loop import Preempted, log, sync_processes, train_stage
 
 STAGE_FILE = "stage.json"
 RESULTS_FILE = "results.json"
@@ -328,6 +328,7 @@ def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
         run_expert(config, paths, stop, stage.removeprefix(stages.EXPERT_PREFIX))
       else:
         RUNNERS[stage](config, paths, stop)
+      sync_processes(f"jbtx stage {stage} {workdir}")  # process 0 writes mix, results, hf
       progress.end(stage, began)
       if stop.requested() and stage != selected[-1]:
         raise Preempted(stage)

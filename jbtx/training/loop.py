@@ -163,7 +163,8 @@ def run_steps(config: ExperimentConfig, stage_dir: pathlib.Path, stage: str, mes
   return state
 
 
-def _sync(name: str) -> None:
+def sync_processes(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (nothing with one process)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
 
@@ -184,7 +185,7 @@ def publish(stage_dir: pathlib.Path, model_config: ModelConfig, params: Any,
     for stale in (staging, stage_dir / checkpoint.PARAMS_DIR):
       if stale.exists():
         shutil.rmtree(stale)
-  _sync(f"jbtx publish start {stage_dir}")
+  sync_processes(f"jbtx publish start {stage_dir}")
   ocp_v1.partial.save(staging / checkpoint.PARAMS_DIR, params)
   ocp_v1.partial.finalize(staging / checkpoint.PARAMS_DIR)
   if jax.process_index() == 0:
@@ -192,7 +193,7 @@ def publish(stage_dir: pathlib.Path, model_config: ModelConfig, params: Any,
     (staging / checkpoint.PARAMS_DIR).rename(stage_dir / checkpoint.PARAMS_DIR)
     (staging / checkpoint.CONFIG_FILE).rename(stage_dir / checkpoint.CONFIG_FILE)
     staging.rmdir()
-  _sync(f"jbtx publish end {stage_dir}")
+  sync_processes(f"jbtx publish end {stage_dir}")
 
 
 def _start(config: ExperimentConfig, stage: str, model: Llama, optimizer: Any, mesh: Mesh,
