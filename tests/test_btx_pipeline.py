@@ -233,3 +233,22 @@ def test_finetune_variants_are_overrides_of_the_stage(btx_run, run_env, tmp_path
   assert not np.array_equal(tuned["layers"]["moe"]["router"][0],
                             mixed["layers_0"]["moe"]["router"])
   assert set(json.loads((tmp_path / "results.json").read_text())["rows"]) == set(MODELS)
+
+
+def test_baselines_join_a_finished_run_with_btx_training_flops(btx_run, run_env, tmp_path):  # noqa: F811
+  workdir = tmp_path / "run"
+  shutil.copytree(btx_run, workdir)
+  result = btx(workdir, run_env, "--config.btx.baselines=('upcycle', 'dense')")
+  assert result.returncode == 0, result.stderr
+  assert "[btx] stage 6/9 upcycle: starting" in result.stdout
+  assert "[btx] stage 7/9 dense: starting" in result.stdout
+  assert "evaluating again" in result.stdout and (workdir / "results.json.old").exists()
+  assert "[btx] stage 9/9 export: already complete" in result.stdout
+  rows = json.loads((workdir / "results.json").read_text())["rows"]
+  assert tuple(rows) == (*MODELS, "upcycle", "dense")
+  assert rows["btx"] == json.loads((btx_run / "results.json").read_text())["rows"]["btx"]
+  for name in ("upcycle", "dense"):  # BTX's FLOPs, to within one of the baseline's steps
+    steps = checkpoint.read_record(workdir / name)["metrics"]["steps"]
+    assert abs(rows[name]["compute"]["flops"] - rows["btx"]["compute"]["flops"]) <= (
+        rows[name]["compute"]["flops"] / steps)
+  assert checkpoint.load_config(workdir / "upcycle").moe.n_experts == 3

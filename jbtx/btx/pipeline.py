@@ -4,6 +4,7 @@
     workdir/expert/<domain>/      one dense expert per domain, trained from the seed
     workdir/mix/                  the mixed MoE checkpoint (layers unrolled)
     workdir/finetune/             the finetuned MoE: the BTX model
+    workdir/upcycle/, dense/      baselines from the seed with BTX's FLOPs (btx.baselines)
     workdir/eval/, results.json   every model on every domain, the results table
     workdir/hf/                   the BTX model in Hugging Face Mixtral format
 
@@ -30,6 +31,7 @@ from jbtx import checkpoint, convert
 from jbtx.btx import mix, router_init, stages
 from jbtx.btx.results import evaluate_model, summarise, table, total_compute
 from jbtx.btx.sources import CheckpointSource
+from jbtx.btx.upcycle import upcycle_params
 from jbtx.config import ConfigError, ExperimentConfig, to_dict
 from jbtx.config.btx import SEED_EXPERT
 from jbtx.data import pipeline as data_pipeline
@@ -77,16 +79,26 @@ def _stage_file(paths: Paths, stage: str) -> pathlib.Path:
   return paths.stage_dir(stage) / STAGE_FILE
 
 
+def _differences(config: ExperimentConfig, paths: Paths, stage: str) -> list[str]:
+  """The keys of `stage`'s identity that differ from its record in the workdir."""
+  path = _stage_file(paths, stage)
+  if not path.is_file():
+    return []
+  return stages.identity_differences(json.loads(path.read_text()),
+                                     stages.stage_identity(config, stage))
+
+
 def check_workdir(config: ExperimentConfig, paths: Paths) -> None:
-  """Raises ConfigError if a stage in the workdir was made by a different experiment."""
+  """Raises ConfigError if a stage in the workdir was made by a different experiment.
+
+  The eval stage is not refused: it only reads models, so it runs again instead
+  (`_evaluate_again`), e.g. after baselines were added.
+  """
   for stage in stages.stage_names(config):
-    path = _stage_file(paths, stage)
-    if not path.is_file():
-      continue
-    recorded = json.loads(path.read_text())
-    current = stages.stage_identity(config, stage)
-    differ = stages.identity_differences(recorded, current)
+    differ = _differences(config, paths, stage) if stage != stages.EVAL else []
     if differ:
+      recorded = json.loads(_stage_file(paths, stage).read_text())
+      current = stages.stage_identity(config, stage)
       shown = "; ".join(f"{k}: was {recorded.get(k, '<unset>')!r}, now "
                         f"{current.get(k, '<unset>')!r}" for k in differ[:5])
       more = f" (and {len(differ) - 5} more)" if len(differ) > 5 else ""
@@ -199,6 +211,19 @@ def run_finetune(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> No
               stages.FINETUNE, stop, initial_params=_mix_params(config, paths))
 
 
+def run_baseline(config: ExperimentConfig, paths: Paths, stop: StopSignal, name: str) -> None:
+  """Trains baseline `name` from the seed with BTX's training FLOPs (`stages.baseline_config`)."""
+  derived = stages.baseline_config(config, name)
+  if name == stages.UPCYCLE:
+    scanned = dataclasses.replace(config.model, scan_layers=True)
+    initial = lambda: upcycle_params(
+        checkpoint.load_params_for(paths.model_dir(SEED_EXPERT), scanned), derived.model,
+        config.seed)
+  else:
+    initial = _seed_params(config, paths)
+  train_stage(derived, paths.stage_dir(name), name, stop, initial_params=initial)
+
+
 def _stage_compute(directory: pathlib.Path) -> dict[str, float]:
   metrics = checkpoint.read_record(directory).get("metrics", {})
   return metrics.get("compute", {"tokens": 0, "flops": 0.0})
@@ -210,6 +235,7 @@ def run_eval(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None:
   models = {SEED_EXPERT: paths.model_dir(SEED_EXPERT)}
   models |= {name: paths.model_dir(name) for name in config.btx.experts}
   models["btx"] = paths.stage_dir(stages.FINETUNE)
+  models |= {name: paths.stage_dir(name) for name in config.btx.baselines}
   expert_compute = [_stage_compute(models[n]) for n in config.btx.experts]
   compute = {name: _stage_compute(d) for name, d in models.items()}
   compute["btx"] = total_compute([*expert_compute, compute["btx"]])
@@ -222,8 +248,9 @@ def run_eval(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None:
   if jax.process_index() == 0:
     results = {"rows": rows, "notes": {
         "compute": "training FLOPs of the row's own stages (6·active params·tokens plus "
-                   "attention); btx = its experts' training plus the finetune; the seed's "
-                   "row is the seed's training, shared by every other row"}}
+                   "attention); btx = its experts' training plus the finetune; upcycle and "
+                   "dense are trained for as many FLOPs as btx; the seed's row is the "
+                   "seed's training, shared by every other row"}}
     tmp = paths.workdir / f"{RESULTS_FILE}.tmp"
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.rename(paths.workdir / RESULTS_FILE)
@@ -255,7 +282,9 @@ def run_export(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None
 
 
 RUNNERS = {stages.SEED: run_seed, stages.MIX: run_mix, stages.FINETUNE: run_finetune,
-           stages.EVAL: run_eval, stages.EXPORT: run_export}
+           stages.EVAL: run_eval, stages.EXPORT: run_export,
+           stages.UPCYCLE: lambda *args: run_baseline(*args, stages.UPCYCLE),
+           stages.DENSE: lambda *args: run_baseline(*args, stages.DENSE)}
 
 
 class Progress:
@@ -293,11 +322,22 @@ def _inputs(config: ExperimentConfig, stage: str) -> list[str]:
   experts = [stages.expert_stage(name) for name in config.btx.experts]
   if stage == stages.SEED:
     return []
-  if stage.startswith(stages.EXPERT_PREFIX):
+  if stage.startswith(stages.EXPERT_PREFIX) or stage in (stages.UPCYCLE, stages.DENSE):
     return [stages.SEED]
   return {stages.MIX: [stages.SEED, *experts], stages.FINETUNE: [stages.MIX],
-          stages.EVAL: [stages.SEED, *experts, stages.FINETUNE],
+          stages.EVAL: [stages.SEED, *experts, stages.FINETUNE, *config.btx.baselines],
           stages.EXPORT: [stages.FINETUNE]}[stage]
+
+
+def _evaluate_again(config: ExperimentConfig, paths: Paths) -> None:
+  """Discards the results of an evaluation made for another set of models or settings."""
+  differ = _differences(config, paths, stages.EVAL)
+  results = paths.workdir / RESULTS_FILE
+  if differ and results.is_file() and jax.process_index() == 0:
+    log(f"[btx] the evaluation's settings or models changed ({', '.join(differ[:3])}"
+        f"{', …' if len(differ) > 3 else ''}); evaluating again")
+    results.rename(results.with_suffix(".json.old"))
+  sync_processes(f"jbtx evaluate again {paths.workdir}")
 
 
 def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
@@ -306,6 +346,7 @@ def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
   if config.btx.seed_checkpoint:
     _check_seed_checkpoint(config, paths)
   check_workdir(config, paths)
+  _evaluate_again(config, paths)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")

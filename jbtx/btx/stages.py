@@ -15,8 +15,11 @@ from typing import Any
 
 from jbtx.config import BTXConfig, ExperimentConfig, ModelConfig, StageConfig, to_dict
 from jbtx.config.training import profile_window
+from jbtx.training.loop import compute
+from jbtx.training.metrics import train_flops_per_token
 
 SEED, MIX, FINETUNE, EVAL, EXPORT = "seed", "mix", "finetune", "eval", "export"
+UPCYCLE, DENSE = "upcycle", "dense"  # the baselines (`btx.baselines`)
 EXPERT_PREFIX = "expert/"
 
 # Keys that change how a stage runs or reports, never what it computes.
@@ -37,7 +40,7 @@ def stage_names(config: ExperimentConfig) -> list[str]:
   btx = config.btx
   if not btx.experts:
     return [SEED]
-  stages = [SEED, *map(expert_stage, btx.experts), MIX, FINETUNE, EVAL]
+  stages = [SEED, *map(expert_stage, btx.experts), MIX, FINETUNE, *btx.baselines, EVAL]
   return stages + ([EXPORT] if btx.export else [])
 
 
@@ -99,6 +102,34 @@ def finetune_config(config: ExperimentConfig) -> ExperimentConfig:
   return dataclasses.replace(derived, data=data, model=moe_model_config(config))
 
 
+def btx_compute(config: ExperimentConfig) -> dict[str, float]:
+  """BTX's training tokens and FLOPs: every expert's training plus the finetune."""
+  parts = [compute(expert_config(config, d)) for d in config.btx.experts]
+  parts.append(compute(finetune_config(config)))
+  return {k: sum(p[k] for p in parts) for k in ("tokens", "flops")}
+
+
+def upcycle_model_config(config: ExperimentConfig) -> ModelConfig:
+  """The upcycled MoE: the seed with `btx.moe` layers of as many experts as BTX mixes,
+  each as wide as the seed's FFN, every `btx.upcycle_every` layers."""
+  btx = config.btx
+  moe = dataclasses.replace(btx.moe, n_experts=len(btx.expert_names), d_ff=None,
+                            every=btx.upcycle_every)
+  return dataclasses.replace(config.model, moe=moe)
+
+
+def baseline_config(config: ExperimentConfig, name: str) -> ExperimentConfig:
+  """Baseline `name` ("upcycle" or "dense"): its model trained from the seed on the
+  finetune mixture with the finetune's schedule, for as many steps as match BTX's
+  training FLOPs (to within one step's)."""
+  model = upcycle_model_config(config) if name == UPCYCLE else config.model
+  derived = dataclasses.replace(finetune_config(config), model=model)
+  data = derived.data
+  per_step = train_flops_per_token(model, data.seq_len) * data.batch_size * data.seq_len
+  steps = max(1, round(btx_compute(config)["flops"] / per_step))
+  return _dense(_with_training(derived, dataclasses.replace(config.btx.finetune, steps=steps)))
+
+
 def eval_config(config: ExperimentConfig) -> ExperimentConfig:
   """Validation of every model on every domain (the weights do not matter there)."""
   domains = {name: dataclasses.replace(spec, weight=1.0) if spec.weight == 0 else spec
@@ -139,9 +170,14 @@ def stage_identity(config: ExperimentConfig, stage: str) -> dict[str, Any]:
     tree = _mix_identity(config)
   elif stage == FINETUNE:
     tree = _training_identity(finetune_config(config)) | {"mix": _mix_identity(config)}
-  else:  # eval and export depend on everything before them
+  elif stage in (UPCYCLE, DENSE):
+    tree = _training_identity(baseline_config(config, stage)) | {"from_seed": seed}
+  elif stage == EXPORT:
+    tree = {"finetune": stage_identity(config, FINETUNE)}
+  else:  # eval depends on every model it evaluates
     btx = config.btx
     tree = {"finetune": stage_identity(config, FINETUNE),
+            **{name: stage_identity(config, name) for name in config.btx.baselines},
             "btx": {"task_examples": btx.task_examples,
                     "task_max_tokens": btx.task_max_tokens},
             "train.eval_batches": config.train.eval_batches}

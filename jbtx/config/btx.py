@@ -10,6 +10,7 @@ from jbtx.config.model import MoEConfig
 
 MixFFN = Literal["experts", "blend", "split"]
 RouterInit = Literal["random", "hidden"]
+Baseline = Literal["upcycle", "dense"]
 SEED_EXPERT = "seed"  # the name of the seed's FFN among the mixed experts
 
 
@@ -70,6 +71,12 @@ class BTXConfig:
     task_max_tokens: tokens generated per task item, by task domain (a math solution is
       worked out before its answer; a knowledge answer comes at once).
     export: write the final model in Hugging Face Mixtral format to `workdir/hf/`.
+    baselines: models trained from the same seed on the finetune mixture with BTX's
+      training FLOPs (experts + finetune), evaluated beside it: "upcycle" (sparse
+      upcycling: the seed's FFN copied into every expert, `btx.moe` routing) and
+      "dense" (the seed trained further).
+    upcycle_every: the upcycled model has an MoE layer every this many layers (2 =
+      every other layer, as sparse upcycling's decoders; 1 = all, as BTX).
   """
 
   seed_checkpoint: str = ""
@@ -90,6 +97,8 @@ class BTXConfig:
   task_max_tokens: dict[str, int] = dataclasses.field(
       default_factory=lambda: {"math": 160, "knowledge": 32})
   export: bool = True
+  baselines: tuple[Baseline, ...] = ()
+  upcycle_every: int = 1
 
   def __post_init__(self):
     _require(SEED_EXPERT not in self.experts, f"experts.{SEED_EXPERT}",
@@ -99,6 +108,10 @@ class BTXConfig:
              f"must be positive, got {self.split_chunks}")
     _require(self.router_init_batches > 0, "router_init_batches",
              f"must be positive, got {self.router_init_batches}")
+    _require(self.upcycle_every > 0, "upcycle_every",
+             f"must be positive, got {self.upcycle_every}")
+    _require(len(set(self.baselines)) == len(self.baselines), "baselines",
+             f"lists a baseline twice: {self.baselines}")
     _require(self.task_examples >= 0, "task_examples",
              f"must be non-negative, got {self.task_examples}")
     for name, tokens in self.task_max_tokens.items():

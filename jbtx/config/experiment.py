@@ -53,7 +53,7 @@ class ExperimentConfig:
              f"got {self.optimizer.grad_accum_steps}")
     if self.btx.experts:
       _check_btx(self)
-    stages = {"", "seed"} | ({"mix", "finetune", "eval", "export"} | {
+    stages = {"", "seed"} | ({"mix", "finetune", "eval", "export", *self.btx.baselines} | {
         f"expert/{name}" for name in self.btx.experts} if self.btx.experts else set())
     _require(self.btx.only in stages, "btx.only",
              f"must be one of {', '.join(sorted(s for s in stages if s))}, "
@@ -84,6 +84,8 @@ def _check_btx(config: ExperimentConfig) -> None:
                f"needs an entry for the demo task domain {spec.name!r}")
   _require(btx.moe.every == 1 and btx.moe.n_shared_experts == 0, "btx.moe.every",
            "BTX mixes every layer's FFN into routed experts (every = 1, no shared experts)")
+  _require(model.n_layers % btx.upcycle_every == 0, "btx.upcycle_every",
+           f"must divide model.n_layers ({model.n_layers}), got {btx.upcycle_every}")
   if btx.ffn == "split":
     _require(model.d_ff % btx.split_chunks == 0, "btx.split_chunks",
              f"must divide model.d_ff ({model.d_ff}), got {btx.split_chunks}")
