@@ -8,9 +8,8 @@
     workdir/eval/, results.json   every model on every domain, the results table
     workdir/hf/                   the BTX model in Hugging Face Mixtral format
 
-Every stage directory holds `stage.json`, the identity of the experiment that made it
-(`stages.stage_identity`); a run whose experiment differs there is refused before
-anything is written, with the keys named. A stage is complete when its output exists
+A workdir made by another experiment is refused before anything is written, with the
+keys named (`jbtx.btx.workdir`). A stage is complete when its output exists
 (`jbtx.json`, `results.json`, `hf/config.json`); an interrupted training stage resumes
 from its checkpoints, an interrupted mix or export starts again.
 """
@@ -29,9 +28,11 @@ import numpy as np
 
 from jbtx import checkpoint, convert
 from jbtx.btx import mix, router_init, stages
+from jbtx.btx import workdir as workdir_lib
 from jbtx.btx.results import evaluate_model, summarise, table, total_compute
 from jbtx.btx.sources import CheckpointSource
 from jbtx.btx.upcycle import upcycle_params
+from jbtx.btx.workdir import Paths
 from jbtx.config import ConfigError, ExperimentConfig, to_dict
 from jbtx.config.btx import SEED_EXPERT
 from jbtx.data import pipeline as data_pipeline
@@ -40,82 +41,8 @@ from jbtx.models.llama import Llama
 from jbtx.training.guards import StopSignal
 from jbtx.training.loop import Preempted, log, sync_processes, train_stage
 
-STAGE_FILE = "stage.json"
-RESULTS_FILE = "results.json"
-HF_DIR = "hf"
 _SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
                "rope_theta", "norm_eps", "qk_norm", "moe")
-
-
-class Paths:
-  """Where each stage of a run lives."""
-
-  def __init__(self, config: ExperimentConfig, workdir: pathlib.Path):
-    self.workdir = workdir
-    self.seed_checkpoint = config.btx.seed_checkpoint
-
-  def stage_dir(self, stage: str) -> pathlib.Path:
-    if stage == stages.EXPORT:
-      return self.workdir / HF_DIR
-    return self.workdir / stage
-
-  def model_dir(self, name: str) -> pathlib.Path:
-    """The checkpoint of a mixed model by expert name ("seed" or a domain)."""
-    if name == SEED_EXPERT:
-      return (pathlib.Path(self.seed_checkpoint).absolute() if self.seed_checkpoint
-              else self.stage_dir(stages.SEED))
-    return self.stage_dir(stages.expert_stage(name))
-
-  def complete(self, stage: str) -> bool:
-    if stage == stages.SEED and self.seed_checkpoint:
-      return True
-    marker = {stages.EVAL: self.workdir / RESULTS_FILE,
-              stages.EXPORT: self.stage_dir(stages.EXPORT) / "config.json"}.get(
-                  stage, self.stage_dir(stage) / checkpoint.CONFIG_FILE)
-    return marker.is_file()
-
-
-def _stage_file(paths: Paths, stage: str) -> pathlib.Path:
-  return paths.stage_dir(stage) / STAGE_FILE
-
-
-def _differences(config: ExperimentConfig, paths: Paths, stage: str) -> list[str]:
-  """The keys of `stage`'s identity that differ from its record in the workdir."""
-  path = _stage_file(paths, stage)
-  if not path.is_file():
-    return []
-  return stages.identity_differences(json.loads(path.read_text()),
-                                     stages.stage_identity(config, stage))
-
-
-def check_workdir(config: ExperimentConfig, paths: Paths) -> None:
-  """Raises ConfigError if a stage in the workdir was made by a different experiment.
-
-  The eval stage is not refused: it only reads models, so it runs again instead
-  (`_evaluate_again`), e.g. after baselines were added.
-  """
-  for stage in stages.stage_names(config):
-    differ = _differences(config, paths, stage) if stage != stages.EVAL else []
-    if differ:
-      recorded = json.loads(_stage_file(paths, stage).read_text())
-      current = stages.stage_identity(config, stage)
-      shown = "; ".join(f"{k}: was {recorded.get(k, '<unset>')!r}, now "
-                        f"{current.get(k, '<unset>')!r}" for k in differ[:5])
-      more = f" (and {len(differ) - 5} more)" if len(differ) > 5 else ""
-      raise ConfigError(differ[0], f"{paths.stage_dir(stage)} was made by another "
-                        f"experiment ({shown}{more}); use another --workdir, or remove "
-                        f"that directory to redo stage {stage}")
-
-
-def _record_identity(config: ExperimentConfig, paths: Paths, stage: str) -> None:
-  """Writes the stage's identity (atomically) before the stage writes anything else."""
-  if jax.process_index() != 0:
-    return
-  path = _stage_file(paths, stage)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(stages.stage_identity(config, stage), indent=1, default=str))
-  tmp.rename(path)
 
 
 def _seed_params(config: ExperimentConfig, paths: Paths):
@@ -251,9 +178,9 @@ def run_eval(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None:
                    "attention); btx = its experts' training plus the finetune; upcycle and "
                    "dense are trained for as many FLOPs as btx; the seed's row is the "
                    "seed's training, shared by every other row"}}
-    tmp = paths.workdir / f"{RESULTS_FILE}.tmp"
+    tmp = paths.workdir / f"{workdir_lib.RESULTS_FILE}.tmp"
     tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.rename(paths.workdir / RESULTS_FILE)
+    tmp.rename(paths.workdir / workdir_lib.RESULTS_FILE)
   log(table(rows))
 
 
@@ -275,7 +202,7 @@ def run_export(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None
     except ConversionError as e:
       log(f"[export] skipped: {e}")
       return
-    shutil.copy(_stage_file(paths, stages.EXPORT), staging / STAGE_FILE)
+    shutil.copy(workdir_lib.stage_file(paths, stages.EXPORT), staging / workdir_lib.STAGE_FILE)
     shutil.rmtree(out)
     staging.rename(out)
   log(f"[export] wrote {out} (transformers.MixtralForCausalLM.from_pretrained)")
@@ -329,24 +256,13 @@ def _inputs(config: ExperimentConfig, stage: str) -> list[str]:
           stages.EXPORT: [stages.FINETUNE]}[stage]
 
 
-def _evaluate_again(config: ExperimentConfig, paths: Paths) -> None:
-  """Discards the results of an evaluation made for another set of models or settings."""
-  differ = _differences(config, paths, stages.EVAL)
-  results = paths.workdir / RESULTS_FILE
-  if differ and results.is_file() and jax.process_index() == 0:
-    log(f"[btx] the evaluation's settings or models changed ({', '.join(differ[:3])}"
-        f"{', …' if len(differ) > 3 else ''}); evaluating again")
-    results.rename(results.with_suffix(".json.old"))
-  sync_processes(f"jbtx evaluate again {paths.workdir}")
-
-
 def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
   """Runs every incomplete stage (or `btx.only`) in order into `workdir`."""
   paths = Paths(config, workdir)
   if config.btx.seed_checkpoint:
     _check_seed_checkpoint(config, paths)
-  check_workdir(config, paths)
-  _evaluate_again(config, paths)
+  workdir_lib.check_workdir(config, paths)
+  workdir_lib.evaluate_again(config, paths)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
@@ -364,7 +280,7 @@ def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
         raise ConfigError("btx.only", f"stage {stage} needs {', '.join(missing)} in "
                           f"{workdir} first: run them, or copy their directories there")
       began = progress.begin(stage)
-      _record_identity(config, paths, stage)
+      workdir_lib.record_identity(config, paths, stage)
       if stage.startswith(stages.EXPERT_PREFIX):
         run_expert(config, paths, stop, stage.removeprefix(stages.EXPERT_PREFIX))
       else:
