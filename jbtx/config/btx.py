@@ -53,7 +53,7 @@ class BTXConfig:
       "eval", "export"; "" = every stage that is not complete).
     seed_as_expert: the seed's FFN is one more expert ("generalist", last).
     mix_weights: averaging weights of the non-FFN parameters, by expert name (and
-      "seed"); empty = uniform over the mixed models.
+      "seed"; a model not named gets 0); empty = uniform over the mixed models.
     ffn: "experts" (expert i's FFN is MoE expert i), "blend" (every MoE expert is the
       average FFN: the paper's blending ablation) or "split" (each FFN cut into
       `split_chunks` experts along d_ff, top-k becomes `split_chunks · k`).
