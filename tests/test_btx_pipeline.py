@@ -106,6 +106,11 @@ def test_a_complete_pipeline_is_skipped_and_a_changed_experiment_refused(
   after = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
   assert after == before  # nothing written
 
+  (workdir / "expert" / "code" / "stage.json").write_text("{")  # a damaged record
+  damaged = btx(workdir, run_env)
+  assert damaged.returncode == 2 and "expert/code/stage.json is not a stage record" in (
+      damaged.stderr)
+
 
 def test_experts_trained_as_separate_jobs_mix_into_the_same_model(
     btx_run, run_env, tmp_path):  # noqa: F811

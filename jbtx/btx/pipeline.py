@@ -29,7 +29,7 @@ import numpy as np
 from jbtx import checkpoint, convert
 from jbtx.btx import mix, router_init, stages
 from jbtx.btx import workdir as workdir_lib
-from jbtx.btx.results import evaluate_model, summarise, table, total_compute
+from jbtx.btx.results import evaluate_model, summarise, table
 from jbtx.btx.sources import CheckpointSource
 from jbtx.btx.upcycle import upcycle_params
 from jbtx.btx.workdir import Paths
@@ -39,7 +39,7 @@ from jbtx.data import pipeline as data_pipeline
 from jbtx.interop.llama_hf import ConversionError
 from jbtx.models.llama import Llama
 from jbtx.training.guards import StopSignal
-from jbtx.training.loop import Preempted, log, sync_processes, train_stage
+from jbtx.training.loop import Preempted, log, sync_processes, total_compute, train_stage
 
 _SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
                "rope_theta", "norm_eps", "qk_norm", "moe")

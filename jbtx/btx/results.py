@@ -10,7 +10,7 @@ and the training compute behind it. Written to `workdir/results.json`.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -88,7 +88,3 @@ def table(rows: Mapping[str, Mapping[str, Any]]) -> str:
                              for i, (c, w) in enumerate(zip(line, widths, strict=True)))
                    for line in lines)
 
-
-def total_compute(parts: Sequence[Mapping[str, float]]) -> dict[str, float]:
-  """The summed tokens and FLOPs of several stages."""
-  return {"tokens": sum(p["tokens"] for p in parts), "flops": sum(p["flops"] for p in parts)}

@@ -15,7 +15,7 @@ from typing import Any
 
 from jbtx.config import BTXConfig, ExperimentConfig, ModelConfig, StageConfig, to_dict
 from jbtx.config.training import profile_window
-from jbtx.training.loop import compute
+from jbtx.training.loop import compute, total_compute
 from jbtx.training.metrics import train_flops_per_token
 
 SEED, MIX, FINETUNE, EVAL, EXPORT = "seed", "mix", "finetune", "eval", "export"
@@ -104,9 +104,8 @@ def finetune_config(config: ExperimentConfig) -> ExperimentConfig:
 
 def btx_compute(config: ExperimentConfig) -> dict[str, float]:
   """BTX's training tokens and FLOPs: every expert's training plus the finetune."""
-  parts = [compute(expert_config(config, d)) for d in config.btx.experts]
-  parts.append(compute(finetune_config(config)))
-  return {k: sum(p[k] for p in parts) for k in ("tokens", "flops")}
+  return total_compute([*(compute(expert_config(config, d)) for d in config.btx.experts),
+                        compute(finetune_config(config))])
 
 
 def upcycle_model_config(config: ExperimentConfig) -> ModelConfig:

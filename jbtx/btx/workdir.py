@@ -62,8 +62,16 @@ def _differences(config: ExperimentConfig, paths: Paths, stage: str) -> list[str
   path = stage_file(paths, stage)
   if not path.is_file():
     return []
-  return stages.identity_differences(json.loads(path.read_text()),
-                                     stages.stage_identity(config, stage))
+  return stages.identity_differences(read_identity(path), stages.stage_identity(config, stage))
+
+
+def read_identity(path: pathlib.Path) -> dict:
+  """A stage's recorded identity; ConfigError naming the file if it is not JSON."""
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError("btx", f"{path} is not a stage record ({e}); remove the stage's "
+                      "directory to redo it") from None
 
 
 def check_workdir(config: ExperimentConfig, paths: Paths) -> None:
@@ -75,7 +83,7 @@ def check_workdir(config: ExperimentConfig, paths: Paths) -> None:
   for stage in stages.stage_names(config):
     differ = _differences(config, paths, stage) if stage != stages.EVAL else []
     if differ:
-      recorded = json.loads(stage_file(paths, stage).read_text())
+      recorded = read_identity(stage_file(paths, stage))
       current = stages.stage_identity(config, stage)
       shown = "; ".join(f"{k}: was {recorded.get(k, '<unset>')!r}, now "
                         f"{current.get(k, '<unset>')!r}" for k in differ[:5])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pathlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -232,6 +232,11 @@ def compute(config: ExperimentConfig) -> dict[str, float]:
   tokens = config.train.steps * config.data.batch_size * config.data.seq_len
   flops = metrics_lib.train_flops_per_token(config.model, config.data.seq_len) * tokens
   return {"tokens": tokens, "flops": flops}
+
+
+def total_compute(parts: Sequence[Mapping[str, float]]) -> dict[str, float]:
+  """The summed tokens and FLOPs of several stages' `compute`."""
+  return {"tokens": sum(p["tokens"] for p in parts), "flops": sum(p["flops"] for p in parts)}
 
 
 def train_stage(config: ExperimentConfig, stage_dir: pathlib.Path, stage: str,
