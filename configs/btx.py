@@ -7,8 +7,13 @@ seed: a tiny dense Llama (0.80M parameters, byte tokens) trained from scratch on
 expert/knowledge: the seed trained further on one domain each (independent jobs); mix:
 their FFNs and the seed's become the 4 experts of every layer's MoE, everything else
 averaged, a new router; finetune: top-2 routing with BTX load balancing (0.01) on the
-mixture; eval: every model on every domain and the math/knowledge tasks
-(results.json); export: the BTX model in Hugging Face Mixtral format (hf/).
+mixture; the baselines at matched compute: btm (the experts ensembled top-1/top-2
+under the domain posterior, and averaged), upcycle (sparse upcycling of the seed) and
+dense (the seed trained further), upcycle and dense trained for BTX's FLOPs; eval:
+every model on every domain and the math/knowledge tasks (results.json, one table);
+export: the BTX model in Hugging Face Mixtral format (hf/).
+--config.btx.baselines="()" runs BTX alone; configs/btm.py, upcycle.py, dense.py run
+one baseline alone.
 
 The file lists every key of `jbtx.config.ExperimentConfig` (`to_config_dict`), so any
 can be overridden, e.g. --config.btx.finetune.steps=200 --config.btx.moe.routing=soft
@@ -19,6 +24,7 @@ seed; configs/olmoe_tiny.py has them).
 import ml_collections
 
 from jbtx.config import (
+    BTMConfig,
     BTXConfig,
     DataConfig,
     ExperimentConfig,
@@ -38,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   domains = {name: DomainConfig(source="demo", name=name, weight=weight)
              for name, weight in [("code", 0.2), ("math", 0.2), ("knowledge", 0.2),
                                   ("general", 0.4)]}
-  expert = StageConfig(steps=100, learning_rate=1e-3, warmup_steps=10)
+  expert = StageConfig(steps=60, learning_rate=1e-3, warmup_steps=10)
   return to_config_dict(ExperimentConfig(
       seed=0,
       model=presets.get("tiny"),
@@ -58,10 +64,16 @@ def get_config() -> ml_collections.ConfigDict:
           router_init="random",
           moe=MoEConfig(n_experts=4, top_k=2, routing="topk", load_balance="btx",
                         load_balance_coef=0.01),
-          finetune=StageConfig(steps=200, learning_rate=1e-3, warmup_steps=10),
+          finetune=StageConfig(steps=120, learning_rate=1e-3, warmup_steps=10),
           finetune_weights={"code": 0.3, "math": 0.3, "knowledge": 0.2, "general": 0.2},
           task_examples=32, task_max_tokens={"math": 160, "knowledge": 32},
-          export=True),
+          export=True,
+          baselines=("btm", "upcycle", "dense"),  # () = BTX alone
+          train_btx=True,
+          upcycle_every=1),
+      btm=BTMConfig(top_k=(1, 2), smoothing=0.01, average_batches=2, clusters=0,
+                    temperature=0.1, cluster_documents=2000, tfidf_features=4096,
+                    context_stride=32),
       profile_steps="",  # e.g. "10,15": trace steps 10-15 into <stage>/tensorboard/
       dump_hlo=False,
       reuse_host_memory=True,  # glibc keeps freed blocks for reuse (faster on CPU)

@@ -27,8 +27,9 @@ import jax
 import numpy as np
 
 from jbtx import checkpoint, convert
-from jbtx.btx import mix, router_init, stages
+from jbtx.btx import btm_eval, cbtm, mix, router_init, stages
 from jbtx.btx import workdir as workdir_lib
+from jbtx.btx.clusters import TfidfClusters
 from jbtx.btx.results import evaluate_model, summarise, table
 from jbtx.btx.sources import CheckpointSource
 from jbtx.btx.upcycle import upcycle_params
@@ -151,32 +152,76 @@ def run_baseline(config: ExperimentConfig, paths: Paths, stop: StopSignal, name:
   train_stage(derived, paths.stage_dir(name), name, stop, initial_params=initial)
 
 
+def run_clusters(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None:
+  del stop  # Short; a signal stops the run after it.
+  if jax.process_index() == 0:
+    cbtm.write_clusters(config, paths.stage_dir(stages.CLUSTERS))
+
+
+def run_cluster(config: ExperimentConfig, paths: Paths, stop: StopSignal, index: int) -> None:
+  stage = stages.cluster_stage(index)
+  derived = stages.cluster_config(config, index, paths.stage_dir(stages.CLUSTERS))
+  train_stage(derived, paths.stage_dir(stage), stage, stop,
+              initial_params=_seed_params(config, paths))
+
+
 def _stage_compute(directory: pathlib.Path) -> dict[str, float]:
   metrics = checkpoint.read_record(directory).get("metrics", {})
   return metrics.get("compute", {"tokens": 0, "flops": 0.0})
 
 
-def run_eval(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None:
-  """Evaluates the seed, every expert and the BTX model; writes results.json."""
-  eval_config = stages.eval_config(config)
+def _evaluated(config: ExperimentConfig, paths: Paths) -> dict[str, pathlib.Path]:
+  """The checkpoints evaluated, by row name: the seed, the experts, BTX, the baselines."""
   models = {SEED_EXPERT: paths.model_dir(SEED_EXPERT)}
-  models |= {name: paths.model_dir(name) for name in config.btx.experts}
-  models["btx"] = paths.stage_dir(stages.FINETUNE)
-  models |= {name: paths.stage_dir(name) for name in config.btx.baselines}
-  expert_compute = [_stage_compute(models[n]) for n in config.btx.experts]
+  if stages.uses_domain_experts(config):
+    models |= {name: paths.model_dir(name) for name in config.btx.experts}
+  if config.btx.train_btx:
+    models["btx"] = paths.stage_dir(stages.FINETUNE)
+  return models | {name: paths.stage_dir(name) for name in config.btx.baselines
+                   if name != stages.BTM}
+
+
+def _btm_rows(config: ExperimentConfig, paths: Paths) -> dict[str, dict[str, Any]]:
+  """The BTM (or c-BTM) rows, each with its members' training compute."""
+  if config.btm.clusters:
+    members = [paths.stage_dir(stages.cluster_stage(i)) for i in range(config.btm.clusters)]
+    clusters = TfidfClusters.load(paths.stage_dir(stages.CLUSTERS))
+    rows = btm_eval.cbtm_rows(config, members, clusters)
+    compute = total_compute([_stage_compute(d) for d in members])
+  else:
+    names = config.btx.expert_names
+    rows = btm_eval.btm_rows(config, {n: paths.model_dir(n) for n in names})
+    compute = total_compute([_stage_compute(paths.model_dir(n)) for n in config.btx.experts])
+  return {name: summarise(row, compute) for name, row in rows.items()}
+
+
+def run_eval(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None:
+  """Evaluates the seed, every expert, the BTX model and the baselines; writes
+  results.json (rows in the order seed, experts, BTM, upcycle, dense, BTX)."""
+  eval_config = stages.eval_config(config)
+  models = _evaluated(config, paths)
   compute = {name: _stage_compute(d) for name, d in models.items()}
-  compute["btx"] = total_compute([*expert_compute, compute["btx"]])
+  if "btx" in models:
+    compute["btx"] = total_compute([*(compute[n] for n in config.btx.experts),
+                                    compute["btx"]])
   rows = {}
   for name, directory in models.items():
     log(f"[eval] {name}: {directory}")
     rows[name] = summarise(evaluate_model(eval_config, directory), compute[name])
     if stop.requested():
       raise Preempted(stages.EVAL)
+  if stages.BTM in config.btx.baselines:
+    log(f"[eval] {'c-btm' if config.btm.clusters else 'btm'}: ensembles and averages")
+    rows |= _btm_rows(eval_config, paths)
+  last = ("btx", stages.UPCYCLE, stages.DENSE)
+  order = [n for n in rows if n not in last] + [stages.UPCYCLE, stages.DENSE, "btx"]
+  rows = {n: rows[n] for n in order if n in rows}
   if jax.process_index() == 0:
     results = {"rows": rows, "notes": {
         "compute": "training FLOPs of the row's own stages (6·active params·tokens plus "
-                   "attention); btx = its experts' training plus the finetune; upcycle and "
-                   "dense are trained for as many FLOPs as btx; the seed's row is the "
+                   "attention); btx = its experts' training plus the finetune; btm = its "
+                   "experts' training (no finetune); upcycle, dense and c-btm's cluster "
+                   "experts are trained for as many FLOPs as btx; the seed's row is the "
                    "seed's training, shared by every other row"}}
     tmp = paths.workdir / f"{workdir_lib.RESULTS_FILE}.tmp"
     tmp.write_text(json.dumps(results, indent=2) + "\n")
@@ -209,7 +254,7 @@ def run_export(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None
 
 
 RUNNERS = {stages.SEED: run_seed, stages.MIX: run_mix, stages.FINETUNE: run_finetune,
-           stages.EVAL: run_eval, stages.EXPORT: run_export,
+           stages.EVAL: run_eval, stages.EXPORT: run_export, stages.CLUSTERS: run_clusters,
            stages.UPCYCLE: lambda *args: run_baseline(*args, stages.UPCYCLE),
            stages.DENSE: lambda *args: run_baseline(*args, stages.DENSE)}
 
@@ -247,13 +292,15 @@ class Progress:
 def _inputs(config: ExperimentConfig, stage: str) -> list[str]:
   """The stages whose outputs `stage` reads."""
   experts = [stages.expert_stage(name) for name in config.btx.experts]
-  if stage == stages.SEED:
+  if stage in (stages.SEED, stages.CLUSTERS):
     return []
   if stage.startswith(stages.EXPERT_PREFIX) or stage in (stages.UPCYCLE, stages.DENSE):
     return [stages.SEED]
+  if stage.startswith(stages.CLUSTER_PREFIX):
+    return [stages.SEED, stages.CLUSTERS]
+  before_eval = [s for s in stages.stage_names(config) if s not in (stages.EVAL, stages.EXPORT)]
   return {stages.MIX: [stages.SEED, *experts], stages.FINETUNE: [stages.MIX],
-          stages.EVAL: [stages.SEED, *experts, stages.FINETUNE, *config.btx.baselines],
-          stages.EXPORT: [stages.FINETUNE]}[stage]
+          stages.EVAL: before_eval, stages.EXPORT: [stages.FINETUNE]}[stage]
 
 
 def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
@@ -283,6 +330,8 @@ def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
       workdir_lib.record_identity(config, paths, stage)
       if stage.startswith(stages.EXPERT_PREFIX):
         run_expert(config, paths, stop, stage.removeprefix(stages.EXPERT_PREFIX))
+      elif stage.startswith(stages.CLUSTER_PREFIX):
+        run_cluster(config, paths, stop, int(stage.removeprefix(stages.CLUSTER_PREFIX)))
       else:
         RUNNERS[stage](config, paths, stop)
       sync_processes(f"jbtx stage {stage} {workdir}")  # process 0 writes mix, results, hf

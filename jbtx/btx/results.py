@@ -9,19 +9,21 @@ and the training compute behind it. Written to `workdir/results.json`.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
 from jbtx import checkpoint, parallel
-from jbtx.config import ExperimentConfig
+from jbtx.config import ExperimentConfig, ModelConfig
 from jbtx.data import demo, pipeline
-from jbtx.eval.tasks import exact_match
+from jbtx.eval.generate import generate_ragged
+from jbtx.eval.tasks import score_tasks
 from jbtx.models.llama import Llama, abstract_params
-from jbtx.training.evaluation import evaluate, host_params
+from jbtx.training.evaluation import domain_loss, host_params
 from jbtx.training.step import make_eval_step
 
 
@@ -39,23 +41,41 @@ def spec_name(config: ExperimentConfig, domain: str) -> str:
 def evaluate_model(config: ExperimentConfig, directory: Any) -> dict[str, Any]:
   """Per-domain loss/perplexity and task accuracy of the checkpoint at `directory`."""
   model_config = checkpoint.load_config(directory)
+  return evaluate_params(config, model_config,
+                         checkpoint.load_params_for(directory, model_config))
+
+
+def evaluate_params(config: ExperimentConfig, model_config: ModelConfig, params: Any,
+                    domains: Sequence[str] | None = None) -> dict[str, Any]:
+  """Loss/perplexity on `domains` (None = all) and accuracy on their tasks, of `params`
+  (a host tree), sharded over `config.mesh` as training shards them."""
   model = Llama(model_config)
   mesh = parallel.make_mesh(config.mesh)
-  params = checkpoint.load_params_for(directory, model_config)
   params = jax.device_put(params, parallel.param_shardings(abstract_params(model), mesh))
-  validation = evaluate(params, config, mesh, make_eval_step(model, mesh))
+  domains = list(config.data.domains) if domains is None else list(domains)
+  eval_step = make_eval_step(model, mesh)
+  losses = {}
+  for domain in domains:
+    total, count = domain_loss(params, config, mesh, eval_step, domain)
+    losses[domain] = total / count
   tasks = {}
   if config.btx.task_examples:
-    tokenizer = pipeline.make_tokenizer(config.data)
     local = host_params(params)
-    for domain in task_domains(config):
-      items = pipeline.eval_tasks(config.data, domain, "validation")[:config.btx.task_examples]
-      tasks[domain] = exact_match(model, local, tokenizer, items,
-                                  config.btx.task_max_tokens[spec_name(config, domain)],
-                                  batch_size=len(items))
+    for domain in [d for d in task_domains(config) if d in domains]:
+      tasks[domain] = score_tasks_of(config, domain,
+                                     functools.partial(generate_ragged, model, local))
   return {"domains": {d: {"loss": loss, "perplexity": math.exp(loss)}
-                      for d, loss in validation["domains"].items()},
+                      for d, loss in losses.items()},
           "tasks": tasks}
+
+
+def score_tasks_of(config: ExperimentConfig, domain: str, generate: Any) -> dict[str, Any]:
+  """Exact match of `generate` on the first `btx.task_examples` validation tasks of
+  `domain`, in one batch."""
+  items = pipeline.eval_tasks(config.data, domain, "validation")[:config.btx.task_examples]
+  return score_tasks(generate, pipeline.make_tokenizer(config.data), items,
+                     config.btx.task_max_tokens[spec_name(config, domain)],
+                     batch_size=len(items))
 
 
 def summarise(row: dict[str, Any], compute: Mapping[str, float]) -> dict[str, Any]:

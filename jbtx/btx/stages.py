@@ -2,6 +2,10 @@
 
     seed -> expert/<domain> (one per btx.experts) -> mix -> finetune -> eval -> export
 
+and the baselines of `btx.baselines` before eval: upcycle, dense (trained from the
+seed) and btm (evaluated from the experts; with `btm.clusters` = K, c-BTM's stages
+clusters -> cluster/0 … cluster/K-1 first).
+
 Each training stage is an ordinary `ExperimentConfig` (model, data, steps, optimizer)
 handed to the training engine; the functions here derive it. A stage's identity
 (`stage_identity`) is the part of the experiment its output depends on: a workdir
@@ -11,16 +15,19 @@ whose stage was made with another identity is refused, naming the keys.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Any
 
 from jbtx.config import BTXConfig, ExperimentConfig, ModelConfig, StageConfig, to_dict
+from jbtx.config.data import DomainConfig
 from jbtx.config.training import profile_window
 from jbtx.training.loop import compute, total_compute
 from jbtx.training.metrics import train_flops_per_token
 
 SEED, MIX, FINETUNE, EVAL, EXPORT = "seed", "mix", "finetune", "eval", "export"
-UPCYCLE, DENSE = "upcycle", "dense"  # the baselines (`btx.baselines`)
-EXPERT_PREFIX = "expert/"
+BTM, UPCYCLE, DENSE = "btm", "upcycle", "dense"  # the baselines (`btx.baselines`)
+CLUSTERS = "clusters"  # c-BTM's clustering of the training documents
+EXPERT_PREFIX, CLUSTER_PREFIX = "expert/", "cluster/"
 
 # Keys that change how a stage runs or reports, never what it computes.
 _RUN_ONLY_KEYS = ("train.log_every", "train.checkpoint_every", "train.keep_last",
@@ -35,13 +42,33 @@ def expert_stage(domain: str) -> str:
   return f"{EXPERT_PREFIX}{domain}"
 
 
+def cluster_stage(index: int) -> str:
+  return f"{CLUSTER_PREFIX}{index}"
+
+
+def uses_domain_experts(config: ExperimentConfig) -> bool:
+  """Whether the run trains BTX's domain experts (for BTX, or for BTM on them)."""
+  btx = config.btx
+  return bool(btx.experts) and (btx.train_btx or (BTM in btx.baselines
+                                                  and not config.btm.clusters))
+
+
 def stage_names(config: ExperimentConfig) -> list[str]:
   """Every stage of the experiment, in order (the seed alone without BTX experts)."""
   btx = config.btx
   if not btx.experts:
     return [SEED]
-  stages = [SEED, *map(expert_stage, btx.experts), MIX, FINETUNE, *btx.baselines, EVAL]
-  return stages + ([EXPORT] if btx.export else [])
+  stages = [SEED]
+  if uses_domain_experts(config):
+    stages += map(expert_stage, btx.experts)
+  if btx.train_btx:
+    stages += [MIX, FINETUNE]
+  for name in btx.baselines:
+    if name != BTM:
+      stages.append(name)
+    elif config.btm.clusters:
+      stages += [CLUSTERS, *map(cluster_stage, range(config.btm.clusters))]
+  return stages + [EVAL] + ([EXPORT] if btx.export and btx.train_btx else [])
 
 
 def _with_training(config: ExperimentConfig, stage: StageConfig) -> ExperimentConfig:
@@ -123,10 +150,31 @@ def baseline_config(config: ExperimentConfig, name: str) -> ExperimentConfig:
   training FLOPs (to within one step's)."""
   model = upcycle_model_config(config) if name == UPCYCLE else config.model
   derived = dataclasses.replace(finetune_config(config), model=model)
-  data = derived.data
-  per_step = train_flops_per_token(model, data.seq_len) * data.batch_size * data.seq_len
-  steps = max(1, round(btx_compute(config)["flops"] / per_step))
+  steps = matched_steps(config, model)
   return _dense(_with_training(derived, dataclasses.replace(config.btx.finetune, steps=steps)))
+
+
+def matched_steps(config: ExperimentConfig, model: ModelConfig) -> int:
+  """Steps of `model` on the finetune batches whose training FLOPs are BTX's."""
+  data = config.data
+  per_step = train_flops_per_token(model, data.seq_len) * data.batch_size * data.seq_len
+  return max(1, round(btx_compute(config)["flops"] / per_step))
+
+
+def cluster_config(config: ExperimentConfig, index: int,
+                   corpus: pathlib.Path) -> ExperimentConfig:
+  """c-BTM's expert `index`: the seed trained on its cluster's documents (files in
+  `corpus`, written by the clusters stage) with the finetune's schedule; the K experts
+  together get BTX's training FLOPs (their steps differ by at most one)."""
+  k = config.btm.clusters
+  total = matched_steps(config, config.model)
+  steps = max(1, total // k + (index < total % k))
+  name = f"cluster{index}"
+  domain = DomainConfig(source="files", splits={
+      split: str(corpus / f"{index}.{split}.jsonl") for split in ("train", "validation")})
+  data = dataclasses.replace(config.data, domains={name: domain}, reweighting="none")
+  stage = dataclasses.replace(config.btx.finetune, steps=steps)
+  return _dense(dataclasses.replace(_with_training(config, stage), data=data))
 
 
 def eval_config(config: ExperimentConfig) -> ExperimentConfig:
@@ -171,18 +219,38 @@ def stage_identity(config: ExperimentConfig, stage: str) -> dict[str, Any]:
     tree = _training_identity(finetune_config(config)) | {"mix": _mix_identity(config)}
   elif stage in (UPCYCLE, DENSE):
     tree = _training_identity(baseline_config(config, stage)) | {"from_seed": seed}
+  elif stage == CLUSTERS:
+    tree = _clusters_identity(config)
+  elif stage.startswith(CLUSTER_PREFIX):
+    index = int(stage.removeprefix(CLUSTER_PREFIX))
+    tree = (_training_identity(cluster_config(config, index, pathlib.Path(CLUSTERS)))
+            | {"from_seed": seed, "clusters": _clusters_identity(config)})
   elif stage == EXPORT:
     tree = {"finetune": stage_identity(config, FINETUNE)}
   else:  # eval depends on every model it evaluates
     btx = config.btx
-    tree = {"finetune": stage_identity(config, FINETUNE),
-            **{name: stage_identity(config, name) for name in config.btx.baselines},
-            "btx": {"task_examples": btx.task_examples,
-                    "task_max_tokens": btx.task_max_tokens},
-            "train.eval_batches": config.train.eval_batches}
-  flat = _flatten(tree)
-  return {k: v for k, v in flat.items()
-          if k not in _RUN_ONLY_KEYS and not k.startswith(_RUN_ONLY_GROUPS)}
+    tree = {name: stage_identity(config, name) for name in stage_names(config)
+            if name not in (EVAL, EXPORT)}
+    tree |= {"btx": {"task_examples": btx.task_examples, "task_max_tokens": btx.task_max_tokens,
+                     "baselines": list(btx.baselines), "train_btx": btx.train_btx},
+             "train.eval_batches": config.train.eval_batches}
+    if BTM in btx.baselines:
+      tree["btm"] = to_dict(config.btm)
+  return {k: v for k, v in _flatten(tree).items() if not _run_only(k)}
+
+
+def _run_only(key: str) -> bool:
+  """Whether the dotted `key` (or its tail after a nested stage's prefix) is run-only."""
+  parts = key.split(".")
+  tails = (".".join(parts[i:]) for i in range(len(parts)))
+  return any(t in _RUN_ONLY_KEYS or t.startswith(_RUN_ONLY_GROUPS) for t in tails)
+
+
+def _clusters_identity(config: ExperimentConfig) -> dict[str, Any]:
+  btm = config.btm
+  return {"seed": config.seed, "data": to_dict(finetune_config(config).data),
+          "btm": {k: getattr(btm, k) for k in ("clusters", "cluster_documents",
+                                               "tfidf_features")}}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

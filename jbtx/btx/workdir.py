@@ -16,6 +16,7 @@ import jax
 
 from jbtx import checkpoint
 from jbtx.btx import stages
+from jbtx.btx.cbtm import SUMMARY_FILE
 from jbtx.config import ConfigError, ExperimentConfig
 from jbtx.config.btx import SEED_EXPERT
 from jbtx.training.loop import log, sync_processes
@@ -48,6 +49,7 @@ class Paths:
     if stage == stages.SEED and self.seed_checkpoint:
       return True
     marker = {stages.EVAL: self.workdir / RESULTS_FILE,
+              stages.CLUSTERS: self.stage_dir(stages.CLUSTERS) / SUMMARY_FILE,
               stages.EXPORT: self.stage_dir(stages.EXPORT) / "config.json"}.get(
                   stage, self.stage_dir(stage) / checkpoint.CONFIG_FILE)
     return marker.is_file()

@@ -7,6 +7,7 @@
 """
 
 from jbtx.config.base import ConfigError, from_mapping, to_config_dict, to_dict
+from jbtx.config.btm import BTMConfig
 from jbtx.config.btx import BTXConfig, StageConfig
 from jbtx.config.data import DataConfig
 from jbtx.config.experiment import BYTE_VOCAB_SIZE, ExperimentConfig
@@ -18,6 +19,7 @@ from jbtx.config.training import TrainConfig
 __all__ = [
     "BYTE_VOCAB_SIZE",
     "MESH_AXES",
+    "BTMConfig",
     "BTXConfig",
     "ConfigError",
     "DataConfig",

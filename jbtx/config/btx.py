@@ -10,7 +10,7 @@ from jbtx.config.model import MoEConfig
 
 MixFFN = Literal["experts", "blend", "split"]
 RouterInit = Literal["random", "hidden"]
-Baseline = Literal["upcycle", "dense"]
+Baseline = Literal["btm", "upcycle", "dense"]
 SEED_EXPERT = "seed"  # the name of the seed's FFN among the mixed experts
 
 
@@ -71,10 +71,13 @@ class BTXConfig:
     task_max_tokens: tokens generated per task item, by task domain (a math solution is
       worked out before its answer; a knowledge answer comes at once).
     export: write the final model in Hugging Face Mixtral format to `workdir/hf/`.
-    baselines: models trained from the same seed on the finetune mixture with BTX's
-      training FLOPs (experts + finetune), evaluated beside it: "upcycle" (sparse
+    baselines: the methods evaluated beside BTX, from the same seed: "btm"
+      (Branch-Train-Merge on BTX's experts, or c-BTM's: `config.btm`), "upcycle" (sparse
       upcycling: the seed's FFN copied into every expert, `btx.moe` routing) and
-      "dense" (the seed trained further).
+      "dense" (the seed trained further); upcycle, dense and c-BTM's experts train on
+      the finetune mixture for BTX's training FLOPs (experts + finetune).
+    train_btx: run BTX's mix, finetune and export; False runs the baselines alone
+      (BTX's expert and finetune stages still set their matched budget).
     upcycle_every: the upcycled model has an MoE layer every this many layers (2 =
       every other layer, as sparse upcycling's decoders; 1 = all, as BTX).
   """
@@ -98,6 +101,7 @@ class BTXConfig:
       default_factory=lambda: {"math": 160, "knowledge": 32})
   export: bool = True
   baselines: tuple[Baseline, ...] = ()
+  train_btx: bool = True
   upcycle_every: int = 1
 
   def __post_init__(self):

@@ -6,6 +6,7 @@ import dataclasses
 
 from jbtx.config.base import ConfigError
 from jbtx.config.base import require as _require
+from jbtx.config.btm import BTMConfig
 from jbtx.config.btx import BTXConfig
 from jbtx.config.data import DataConfig
 from jbtx.config.distributed import DistributedConfig
@@ -29,6 +30,7 @@ class ExperimentConfig:
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
   btx: BTXConfig = dataclasses.field(default_factory=BTXConfig)
+  btm: BTMConfig = dataclasses.field(default_factory=BTMConfig)
   profile_steps: str = ""  # "FIRST,LAST": trace these steps (jbtx.training.profiling)
   dump_hlo: bool = False  # write the train step's HLO under <stage>/hlo/
   reuse_host_memory: bool = True  # glibc keeps freed blocks for reuse (jbtx.host_memory)
@@ -53,11 +55,26 @@ class ExperimentConfig:
              f"got {self.optimizer.grad_accum_steps}")
     if self.btx.experts:
       _check_btx(self)
-    stages = {"", "seed"} | ({"mix", "finetune", "eval", "export", *self.btx.baselines} | {
-        f"expert/{name}" for name in self.btx.experts} if self.btx.experts else set())
+    stages = {"", "seed"} | (_btx_stages(self) if self.btx.experts else set())
     _require(self.btx.only in stages, "btx.only",
              f"must be one of {', '.join(sorted(s for s in stages if s))}, "
              f"got {self.btx.only!r}")
+
+
+def _btx_stages(config: ExperimentConfig) -> set[str]:
+  """Every stage name `btx.only` may select (jbtx.btx.stages has their order)."""
+  clusters = config.btm.clusters
+  return ({"mix", "finetune", "eval", "export", *config.btx.baselines}
+          | {f"expert/{name}" for name in config.btx.experts}
+          | ({"clusters", *(f"cluster/{i}" for i in range(clusters))} if clusters else set()))
+
+
+def _check_btm(config: ExperimentConfig) -> None:
+  """The BTM ensemble's top-k against its members (c-BTM's clusters or the experts)."""
+  members = config.btm.clusters or len(config.btx.expert_names)
+  for k in config.btm.top_k:
+    _require(k <= members, "btm.top_k",
+             f"{k} exceeds the ensemble's {members} experts, got {config.btm.top_k}")
 
 
 def _check_btx(config: ExperimentConfig) -> None:
@@ -82,6 +99,10 @@ def _check_btx(config: ExperimentConfig) -> None:
     if spec.source == "demo" and spec.name in ("math", "knowledge") and btx.task_examples:
       _require(spec.name in btx.task_max_tokens, "btx.task_max_tokens",
                f"needs an entry for the demo task domain {spec.name!r}")
+  if "btm" in btx.baselines:
+    _check_btm(config)
+  _require(btx.train_btx or btx.baselines, "btx.train_btx",
+           "is False and btx.baselines is empty: there is nothing to run after the seed")
   _require(btx.moe.every == 1 and btx.moe.n_shared_experts == 0, "btx.moe.every",
            "BTX mixes every layer's FFN into routed experts (every = 1, no shared experts)")
   _require(model.n_layers % btx.upcycle_every == 0, "btx.upcycle_every",

@@ -10,8 +10,9 @@ compared with the task's answer after `normalize_answer` on both.
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -25,6 +26,7 @@ from jbtx.eval.generate import generate_ragged
 ANSWER_MARKER = "Answer:"
 _PROMPT_MULTIPLE = 32  # prompt lengths are padded up to a multiple of this (few shapes)
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?")
+Generate = Callable[..., Any]  # (tokens, lengths, max_new_tokens, eos_id=) -> ids
 
 
 def normalize_answer(text: str) -> str:
@@ -86,10 +88,22 @@ def _is_correct(task: Mapping[str, str], continuation: str) -> bool:
 def exact_match(model: nn.Module, params: Any, tokenizer: Tokenizer,
                 tasks: Sequence[Mapping[str, str]], max_new_tokens: int,
                 batch_size: int) -> dict:
-  """Greedy exact-match accuracy of `model` on `tasks` (`{"prompt", "answer"}` each).
+  """Greedy exact-match accuracy of `model` on `tasks` (`score_tasks` with
+  `generate_ragged`)."""
+  return score_tasks(functools.partial(generate_ragged, model, params), tokenizer, tasks,
+                     max_new_tokens, batch_size)
+
+
+def score_tasks(generate: Generate, tokenizer: Tokenizer, tasks: Sequence[Mapping[str, str]],
+                max_new_tokens: int, batch_size: int) -> dict:
+  """Exact-match accuracy of the continuations `generate` makes of `tasks`' prompts.
 
   Prompts run in batches of `batch_size` (the last one filled up with copies, so all
-  batches share a shape) through `generate_ragged`.
+  batches share a shape).
+
+  Args:
+    generate: `(tokens [batch, len], lengths [batch], max_new_tokens, eos_id) -> ids
+      [batch, max_new_tokens]`, e.g. `generate_ragged` with its model and parameters.
 
   Returns:
     `{"accuracy", "correct", "n", "examples"}`; examples are the first three tasks
@@ -105,8 +119,8 @@ def exact_match(model: nn.Module, params: Any, tokenizer: Tokenizer,
     batch = list(tasks[start:start + batch_size])
     batch += [batch[-1]] * (batch_size - len(batch))
     tokens, lengths = _batch_prompts(tokenizer, [t["prompt"] for t in batch])
-    generated = generate_ragged(model, params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                max_new_tokens, eos_id=int(tokenizer.eos_id))
+    generated = generate(jnp.asarray(tokens), jnp.asarray(lengths), max_new_tokens,
+                         eos_id=int(tokenizer.eos_id))
     outputs += [_continuation(tokenizer, ids) for ids in np.asarray(generated)]
   outputs = outputs[:len(tasks)]
   correct = sum(_is_correct(task, out) for task, out in zip(tasks, outputs, strict=True))

@@ -18,7 +18,7 @@ from jbtx.eval.generate import generate
 from jbtx.models.llama import Llama
 
 
-def _domain_loss(params: Any, config: ExperimentConfig, mesh: Mesh, eval_step: Any,
+def domain_loss(params: Any, config: ExperimentConfig, mesh: Mesh, eval_step: Any,
                  domain: str) -> tuple[float, float]:
   """Summed loss and target count over `train.eval_batches` validation batches of `domain`."""
   batches = pipeline.eval_batches(config.data, "validation", domain=domain,
@@ -45,7 +45,7 @@ def evaluate(params: Any, config: ExperimentConfig, mesh: Mesh,
     params: the (sharded) parameters.
     eval_step: `make_eval_step(model, mesh)`: `(params, batch) -> (loss sum, count)`.
   """
-  sums = {d: _domain_loss(params, config, mesh, eval_step, d) for d in config.data.domains}
+  sums = {d: domain_loss(params, config, mesh, eval_step, d) for d in config.data.domains}
   loss = sum(s for s, _ in sums.values()) / sum(n for _, n in sums.values())
   return {"loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2),
           "domains": {d: s / n for d, (s, n) in sums.items()}}

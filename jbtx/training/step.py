@@ -73,7 +73,7 @@ def next_token_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Arr
   return total / jnp.maximum(count, 1), count
 
 
-def _forward(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None = None,
+def forward(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None = None,
              step: jax.Array | None = None):
   """Logits and the per-layer MoE statistics (empty for a dense model).
 
@@ -230,7 +230,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
   n = grad_accum_steps
 
   def micro_loss(params, micro, rng, step, total):
-    logits, stats = _forward(train_model, params, micro, rng, step)
+    logits, stats = forward(train_model, params, micro, rng, step)
     ce_sum, count = token_losses(logits, micro)
     aux = aux_loss(stats, model.config)
     return ce_sum / total + aux / n, (ce_sum, aux, count, stats)
@@ -289,7 +289,7 @@ def make_eval_step(model: nn.Module, mesh: Mesh):
 
   def eval_step(params, batch):
     with parallel.sharding_rules(mesh):
-      return token_losses(_forward(model, params, batch)[0], batch)
+      return token_losses(forward(model, params, batch)[0], batch)
 
   params = parallel.param_shardings(abstract_params(model), mesh)
   replicated = NamedSharding(mesh, P())

@@ -1,0 +1,17 @@
+"""The dense baseline alone on the demo data: the seed (as configs/btx.py trains it)
+trained further on the finetune mixture for BTX's training FLOPs (its experts plus
+finetune, from configs/btx.py's budgets).
+
+    python -m jbtx.train --config=configs/dense.py
+"""
+
+import ml_collections
+
+from configs import btx
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = btx.get_config()
+  config.btx.baselines = ("dense",)
+  config.btx.train_btx = False  # BTX's stages only set the matched budget
+  return config

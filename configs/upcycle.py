@@ -1,0 +1,17 @@
+"""Sparse upcycling alone on the demo data: the seed (as configs/btx.py trains it),
+its FFN copied into 4 experts with a new top-2 router, trained on the finetune mixture
+for BTX's training FLOPs (its experts plus finetune, from configs/btx.py's budgets).
+
+    python -m jbtx.train --config=configs/upcycle.py [--config.btx.upcycle_every=2]
+"""
+
+import ml_collections
+
+from configs import btx
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = btx.get_config()
+  config.btx.baselines = ("upcycle",)
+  config.btx.train_btx = False  # BTX's stages only set the matched budget
+  return config

@@ -1,0 +1,248 @@
+"""The BTM baseline's rows in the results table: the experts ensembled and averaged.
+
+    btm top-k              the ensemble of the top-k experts under the domain posterior
+    btm average            the experts' parameters averaged uniformly (one dense model)
+    btm posterior average  per domain, averaged with that domain's mean posterior
+    c-btm top-k            c-BTM: the cluster experts weighted by softmax(−d²/T)
+
+Perplexity uses the validation batches the other rows use: each expert's target
+log-probabilities are computed once (sharded like training, one expert at a time) and
+mixed on the host. The posterior-average weights come from `btm.average_batches`
+batches of the test split. Tasks are decoded greedily from the ensemble's mixture
+(`btm.generate_ensemble`), with every expert on one device.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jbtx import checkpoint, parallel
+from jbtx.btx import btm
+from jbtx.btx.clusters import TfidfClusters, cluster_weights
+from jbtx.btx.results import evaluate_params, score_tasks_of, task_domains
+from jbtx.config import ExperimentConfig
+from jbtx.data import pipeline
+from jbtx.data.tokenizers import Tokenizer
+from jbtx.models.llama import Llama, abstract_params
+from jbtx.training.step import forward
+
+Batch = dict[str, np.ndarray]
+
+
+def make_target_log_probs(model: Llama, mesh):
+  """`(params, batch) -> float32 [batch, seq - 1]`: log p(token t + 1 | tokens ≤ t), 0
+  where the target is not valid (padding, document boundaries); jit-compiled."""
+
+  def target_log_probs(params, batch):
+    with parallel.sharding_rules(mesh):
+      logits = forward(model, params, batch)[0][:, :-1].astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(log_probs, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
+    return jnp.where(btm.valid_targets(batch["segment_ids"]), picked, 0.0)
+
+  params = parallel.param_shardings(abstract_params(model), mesh)
+  return jax.jit(target_log_probs, in_shardings=(params, parallel.batch_sharding(mesh)),
+                 out_shardings=NamedSharding(mesh, P()))
+
+
+def whole_batches(config: ExperimentConfig, domain: str, split: str, n: int) -> list[Batch]:
+  """The first `n` evaluation batches of `domain`'s `split`, all rows (every process)."""
+  return list(itertools.islice(pipeline.eval_batches(config.data, split, domain=domain), n))
+
+
+def _local_rows(batch: Batch) -> Batch:
+  per = next(iter(batch.values())).shape[0] // jax.process_count()
+  start = jax.process_index() * per
+  return {k: v[start:start + per] for k, v in batch.items()}
+
+
+def member_log_probs(config: ExperimentConfig, directories: Sequence[Any],
+                     batches: Mapping[str, Sequence[Batch]]) -> dict[str, np.ndarray]:
+  """Domain -> float32 `[N, n_batches, batch, seq - 1]`: each member's target
+  log-probabilities on that domain's `batches`, one member in memory at a time."""
+  mesh = parallel.make_mesh(config.mesh)
+  out: dict[str, list] = {domain: [] for domain in batches}
+  for directory in directories:
+    model_config = checkpoint.load_config(directory)
+    model = Llama(model_config)
+    params = jax.device_put(checkpoint.load_params_for(directory, model_config),
+                            parallel.param_shardings(abstract_params(model), mesh))
+    step = make_target_log_probs(model, mesh)
+    for domain, domain_batches in batches.items():
+      out[domain].append(np.stack([
+          np.asarray(step(params, parallel.global_batch(mesh, _local_rows(b))))
+          for b in domain_batches]))
+    del params
+  return {domain: np.stack(values) for domain, values in out.items()}
+
+
+def _row(losses: Mapping[str, float], tasks: Mapping[str, Any]) -> dict[str, Any]:
+  return {"domains": {d: {"loss": loss, "perplexity": math.exp(loss)}
+                      for d, loss in losses.items()}, "tasks": dict(tasks)}
+
+
+def ensemble_losses(log_probs: Mapping[str, np.ndarray], batches: Mapping[str, Sequence[Batch]],
+                    weights_of: Any) -> dict[str, float]:
+  """Domain -> the mixture's mean NLL, with `weights_of(domain, i, log_probs [N, B, T])`
+  giving batch i's weights `[B, T, N]`."""
+  losses = {}
+  for domain, values in log_probs.items():
+    total = count = 0.0
+    for i, batch in enumerate(batches[domain]):
+      weights = weights_of(domain, i, values[:, i])
+      nll, n = btm.ensemble_loss(jnp.asarray(values[:, i]), jnp.asarray(batch["segment_ids"]),
+                                 jnp.asarray(weights))
+      total, count = total + float(nll), count + float(n)
+    losses[domain] = total / count
+  return losses
+
+
+def _ensemble_tasks(config: ExperimentConfig, model: Llama, stacked: Any, top_k: int,
+                    prompt_weights: Any = None) -> dict[str, Any]:
+  """Task accuracy of the ensemble; `prompt_weights(prompts) -> [batch, N]` fixes the
+  weights from the prompts (c-BTM), None = the running posterior (BTM)."""
+  if not config.btx.task_examples:
+    return {}
+  tokenizer = pipeline.make_tokenizer(config.data)
+  tasks = {}
+  for domain in task_domains(config):
+    def generate(tokens, lengths, max_new_tokens, eos_id):
+      weights = None
+      if prompt_weights is not None:
+        texts = [tokenizer.decode(row[:n]) for row, n in zip(np.asarray(tokens),
+                                                             np.asarray(lengths), strict=True)]
+        weights = jnp.asarray(prompt_weights(texts))
+      return btm.generate_ensemble(model, stacked, tokens, lengths, max_new_tokens,
+                                   top_k=top_k, smoothing=config.btm.smoothing,
+                                   weights=weights, eos_id=eos_id)
+    tasks[domain] = score_tasks_of(config, domain, generate)
+  return tasks
+
+
+def _host_members(directories: Sequence[Any]) -> tuple[Any, list[Any]]:
+  model_config = checkpoint.load_config(directories[0])
+  return model_config, [checkpoint.load_params_for(d, model_config) for d in directories]
+
+
+def _top_k_name(prefix: str, k: int) -> str:
+  return f"{prefix} {'all' if k == 0 else f'top-{k}'}"
+
+
+def btm_rows(config: ExperimentConfig, members: Mapping[str, Any]) -> dict[str, dict]:
+  """The BTM rows (ensembles, averages) of the experts `members` (name -> checkpoint)."""
+  names, directories = list(members), list(members.values())
+  domains = list(config.data.domains)
+  validation = {d: whole_batches(config, d, "validation", config.train.eval_batches)
+                for d in domains}
+  held_out = {d: whole_batches(config, d, "test", config.btm.average_batches) for d in domains}
+  log_probs = member_log_probs(config, directories, {**{f"v/{d}": b for d, b in
+                                                        validation.items()},
+                                                     **{f"t/{d}": b for d, b in
+                                                        held_out.items()}})
+  valid = {d: log_probs[f"v/{d}"] for d in domains}
+  model_config, trees = _host_members(directories)
+  model, stacked = Llama(model_config), btm.stack_params(trees)
+  rows = {}
+  for k in config.btm.top_k:
+    def posterior(domain, i, values, k=k):
+      segments = jnp.asarray(validation[domain][i]["segment_ids"])
+      return btm.top_k_weights(btm.running_posterior(jnp.asarray(values), segments,
+                                                     config.btm.smoothing), k)
+    rows[_top_k_name("btm", k)] = _row(ensemble_losses(valid, validation, posterior),
+                                       _ensemble_tasks(config, model, stacked, k))
+  rows["btm average"] = evaluate_params(config, model_config,
+                                        btm.average_params(trees, [1.0] * len(trees)))
+  weights = {d: mean_posterior(log_probs[f"t/{d}"], held_out[d], config.btm.smoothing)
+             for d in domains}
+  averaged = [evaluate_params(config, model_config, btm.average_params(trees, weights[d]),
+                              domains=[d]) for d in domains]
+  rows["btm posterior average"] = {
+      "domains": {d: r["domains"][d] for d, r in zip(domains, averaged, strict=True)},
+      "tasks": {t: r["tasks"][t] for r in averaged for t in r["tasks"]},
+      "weights": {d: dict(zip(names, map(float, w), strict=True)) for d, w in weights.items()}}
+  return rows
+
+
+def mean_posterior(log_probs: np.ndarray, batches: Sequence[Batch],
+                   smoothing: float) -> np.ndarray:
+  """float `[N]`: the posterior over all experts averaged over the valid targets."""
+  total, count = 0.0, 0
+  for i, batch in enumerate(batches):
+    segments = jnp.asarray(batch["segment_ids"])
+    post = btm.running_posterior(jnp.asarray(log_probs[:, i]), segments, smoothing)
+    valid = btm.valid_targets(segments)
+    total = total + np.asarray(jnp.sum(jnp.where(valid[..., None], post, 0.0), axis=(0, 1)))
+    count += int(jnp.sum(valid))
+  if count == 0:
+    raise ValueError("the test split yielded no targets for the posterior-weighted average")
+  return total / count
+
+
+def context_weights(clusters: TfidfClusters, tokenizer: Tokenizer, batch: Batch, stride: int,
+                    temperature: float) -> np.ndarray:
+  """c-BTM's weights `[batch, seq - 1, K]` for each target of packed rows: the cluster
+  weights of the document's text before the target's chunk of `stride` tokens (uniform
+  for a document's first chunk, which has no context)."""
+  tokens, segments = batch["tokens"], batch["segment_ids"]
+  rows, length = tokens.shape[0], tokens.shape[1] - 1
+  k = clusters.centroids.shape[0]
+  weights = np.full((rows, length, k), 1.0 / k, np.float32)
+  spans, texts = [], []
+  for r in range(rows):
+    for start, end in _documents(segments[r]):
+      for chunk in range(start + stride, min(end, length), stride):
+        spans.append((r, chunk, min(chunk + stride, end, length)))
+        texts.append(tokenizer.decode(tokens[r, start:chunk]))
+  if texts:
+    chunk_weights = cluster_weights(clusters.squared_distances(texts), temperature)
+    for (r, first, last), w in zip(spans, chunk_weights, strict=True):
+      weights[r, first:last] = w
+  return weights
+
+
+def _documents(segment_ids: np.ndarray) -> list[tuple[int, int]]:
+  """`[(start, end)]` of the non-padding documents of one packed row."""
+  edges = np.flatnonzero(np.diff(segment_ids)) + 1
+  bounds = [0, *edges.tolist(), len(segment_ids)]
+  return [(a, b) for a, b in itertools.pairwise(bounds) if segment_ids[a] != 0]
+
+
+def cbtm_rows(config: ExperimentConfig, members: Sequence[Any],
+              clusters: TfidfClusters) -> dict[str, dict]:
+  """c-BTM's ensemble rows of the cluster experts `members` (checkpoints, cluster order)."""
+  btm_config = config.btm
+  domains = list(config.data.domains)
+  validation = {d: whole_batches(config, d, "validation", config.train.eval_batches)
+                for d in domains}
+  log_probs = member_log_probs(config, members, validation)
+  tokenizer = pipeline.make_tokenizer(config.data)
+  weights = {d: [context_weights(clusters, tokenizer, b, btm_config.context_stride,
+                                 btm_config.temperature) for b in batches]
+             for d, batches in validation.items()}
+  model_config, trees = _host_members(members)
+  model, stacked = Llama(model_config), btm.stack_params(trees)
+  prompt_weights = functools.partial(_prompt_weights, clusters, btm_config.temperature)
+  rows = {}
+  for k in btm_config.top_k:
+    def given(domain, i, values, k=k):
+      del values
+      return btm.top_k_weights(jnp.asarray(weights[domain][i]), k)
+    rows[_top_k_name("c-btm", k)] = _row(
+        ensemble_losses(log_probs, validation, given),
+        _ensemble_tasks(config, model, stacked, k, prompt_weights))
+  return rows
+
+
+def _prompt_weights(clusters: TfidfClusters, temperature: float,
+                    texts: Sequence[str]) -> np.ndarray:
+  return cluster_weights(clusters.squared_distances(texts), temperature)
