@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   domains = {name: DomainConfig(source="demo", name=name, weight=weight)
              for name, weight in [("code", 0.2), ("math", 0.2), ("knowledge", 0.2),
                                   ("general", 0.4)]}
-  expert = StageConfig(steps=60, learning_rate=1e-3, warmup_steps=10)
+  expert = StageConfig(steps=40, learning_rate=1e-3, warmup_steps=10)
   return to_config_dict(ExperimentConfig(
       seed=0,
       model=presets.get("tiny"),
@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
           router_init="random",
           moe=MoEConfig(n_experts=4, top_k=2, routing="topk", load_balance="btx",
                         load_balance_coef=0.01),
-          finetune=StageConfig(steps=120, learning_rate=1e-3, warmup_steps=10),
+          finetune=StageConfig(steps=60, learning_rate=1e-3, warmup_steps=10),
           finetune_weights={"code": 0.3, "math": 0.3, "knowledge": 0.2, "general": 0.2},
           task_examples=32, task_max_tokens={"math": 160, "knowledge": 32},
           export=True,

@@ -1,5 +1,5 @@
 """configs/btx.py shrunk for the tests: 2-layer models, 2 experts (code, math) plus the
-seed, a few steps per stage, 4 task items per task domain."""
+seed, a few steps per stage, 4 task items per task domain, no baselines."""
 
 import ml_collections
 
@@ -15,5 +15,6 @@ def get_config() -> ml_collections.ConfigDict:
   short = {"steps": 6, "learning_rate": 1e-3, "warmup_steps": 2}
   config.btx.experts = {"code": dict(short), "math": dict(short)}
   config.btx.finetune.update(steps=6, warmup_steps=2)
-  config.btx.update(task_examples=4, task_max_tokens={"math": 8, "knowledge": 8})
+  config.btx.update(task_examples=4, task_max_tokens={"math": 8, "knowledge": 8},
+                    baselines=())  # tests add them
   return config

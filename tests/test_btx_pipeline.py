@@ -139,9 +139,9 @@ def _complete_steps(directory):
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-def _kill_when(workdir, env, ready):
+def _kill_when(workdir, env, ready, *extra):
   """Starts the pipeline and kills it (-9) as soon as `ready()` holds."""
-  process = subprocess.Popen(btx_command(workdir), stdout=subprocess.PIPE,
+  process = subprocess.Popen(btx_command(workdir, *extra), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env=env)
   deadline = time.monotonic() + 600
   while not ready():
@@ -240,20 +240,57 @@ def test_finetune_variants_are_overrides_of_the_stage(btx_run, run_env, tmp_path
   assert set(json.loads((tmp_path / "results.json").read_text())["rows"]) == set(MODELS)
 
 
-def test_baselines_join_a_finished_run_with_btx_training_flops(btx_run, run_env, tmp_path):  # noqa: F811
+def test_baselines_join_a_finished_run_btm_with_its_experts_flops(
+    btx_run, run_env, tmp_path):  # noqa: F811
   workdir = tmp_path / "run"
   shutil.copytree(btx_run, workdir)
-  result = btx(workdir, run_env, "--config.btx.baselines=('upcycle', 'dense')")
+  result = btx(workdir, run_env, "--config.btx.baselines=('btm', 'upcycle', 'dense')")
   assert result.returncode == 0, result.stderr
   assert "[btx] stage 6/9 upcycle: starting" in result.stdout
   assert "[btx] stage 7/9 dense: starting" in result.stdout
   assert "evaluating again" in result.stdout and (workdir / "results.json.old").exists()
   assert "[btx] stage 9/9 export: already complete" in result.stdout
   rows = json.loads((workdir / "results.json").read_text())["rows"]
-  assert tuple(rows) == (*MODELS, "upcycle", "dense")
+  btm = ("btm top-1", "btm top-2", "btm average", "btm posterior average")
+  assert tuple(rows) == (*MODELS[:-1], *btm, "upcycle", "dense", "btx")
+  expert_flops = sum(rows[n]["compute"]["flops"] for n in ("code", "math"))
+  assert all(rows[n]["compute"]["flops"] == expert_flops for n in btm)
+  weights = rows["btm posterior average"]["weights"]
+  assert set(weights) == {"code", "general", "knowledge", "math"}
+  assert all(sum(w.values()) == pytest.approx(1.0) and set(w) == {"code", "math", "seed"}
+             for w in weights.values())
+  assert weights["math"]["math"] > weights["math"]["code"]  # math text favours the math expert
   assert rows["btx"] == json.loads((btx_run / "results.json").read_text())["rows"]["btx"]
   for name in ("upcycle", "dense"):  # BTX's FLOPs, to within one of the baseline's steps
     steps = checkpoint.read_record(workdir / name)["metrics"]["steps"]
     assert abs(rows[name]["compute"]["flops"] - rows["btx"]["compute"]["flops"]) <= (
         rows[name]["compute"]["flops"] / steps)
   assert checkpoint.load_config(workdir / "upcycle").moe.n_experts == 3
+
+
+CBTM = ("--config.btx.train_btx=False", "--config.btx.baselines=('btm',)",
+        "--config.btm.clusters=2", "--config.btm.context_stride=8")
+
+
+def test_cbtm_alone_killed_in_a_cluster_expert_reruns_to_the_same_table(run_env, tmp_path):  # noqa: F811
+  reference = tmp_path / "reference"
+  result = btx(reference, run_env, *CBTM)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  for i, stage in enumerate(["seed", "clusters", "cluster/0", "cluster/1", "eval"], 1):
+    assert f"[btx] stage {i}/5 {stage}: done" in result.stdout
+  summary = json.loads((reference / "clusters" / "summary.json").read_text())
+  assert abs(summary["documents"][0] - summary["documents"][1]) <= 1
+  rows = json.loads((reference / "results.json").read_text())["rows"]
+  assert tuple(rows) == ("seed", "c-btm top-1", "c-btm top-2")
+  assert not (reference / "mix").exists() and not (reference / "expert").exists()
+
+  killed = tmp_path / "killed"
+  _kill_when(killed, run_env,
+             lambda: _complete_steps(killed / "cluster" / "1" / "checkpoints"), *CBTM)
+  assert not (killed / "cluster" / "1" / checkpoint.CONFIG_FILE).exists()
+  result = btx(killed, run_env, *CBTM)
+  assert result.returncode == 0, result.stderr
+  assert "[cluster/1] resuming from step" in result.stdout
+  assert "[btx] stage 3/5 cluster/0: already complete" in result.stdout
+  assert (json.loads((killed / "results.json").read_text())
+          == json.loads((reference / "results.json").read_text()))

@@ -7,7 +7,7 @@ import sys
 import ml_collections
 import pytest
 
-from configs import btx, llama2_7b_btx, olmoe_tiny
+from configs import btm, btx, dense, llama2_7b_btx, olmoe_tiny, upcycle
 from jbtx.config import (
     ConfigError,
     ExperimentConfig,
@@ -137,7 +137,14 @@ def _flat_keys(tree: dict, prefix: str = "") -> set[str]:
     (lambda c: c.btx.experts.update(law={}), "btx.experts.law", "not a domain of data.domains"),
     (lambda c: c.btx.experts.update(seed={}), "btx.experts.seed", "names the seed's expert"),
     (lambda c: c.btx.update(only="expert/law"), "btx.only",
-     "must be one of eval, expert/code, expert/knowledge, expert/math, export"),
+     "must be one of dense, eval, expert/code, expert/knowledge, expert/math, export"),
+    (lambda c: c.btm.update(top_k=(1, 5)), "btm.top_k", "5 exceeds the ensemble's 4 experts"),
+    (lambda c: c.btm.update(clusters=3, top_k=(4,)), "btm.top_k",
+     "4 exceeds the ensemble's 3 experts"),
+    (lambda c: c.btm.update(clusters=1), "btm.clusters", "0 (BTM) or at least 2 (c-BTM)"),
+    (lambda c: c.btx.update(train_btx=False, baselines=()), "btx.train_btx",
+     "there is nothing to run after the seed"),
+    (lambda c: c.btx.update(baselines=("btm", "btm")), "btx.baselines", "twice"),
     (lambda c: c.btx.update(ffn="split", split_chunks=5), "btx.split_chunks",
      "must divide model.d_ff (352)"),
     (lambda c: (c.btx.update(seed_as_expert=False), c.btx.moe.update(top_k=4)),
@@ -178,7 +185,26 @@ def test_paper_scale_btx_config_is_the_papers_model(platform):
   assert finetune.data.domains["code"].weight == 40.31
 
 
-@pytest.mark.parametrize("experiment", [btx, olmoe_tiny])
+@pytest.mark.parametrize("experiment, names", [
+    (btm, ["seed", "expert/code", "expert/knowledge", "expert/math", "eval"]),
+    (upcycle, ["seed", "upcycle", "eval"]),
+    (dense, ["seed", "dense", "eval"]),
+    (btx, ["seed", "expert/code", "expert/knowledge", "expert/math", "mix", "finetune",
+           "upcycle", "dense", "eval", "export"]),
+])
+def test_each_baseline_config_runs_its_own_stages(experiment, names):
+  from jbtx.btx import stages
+
+  config = from_mapping(ExperimentConfig, experiment.get_config())
+  assert stages.stage_names(config) == names
+  clustered = experiment.get_config()
+  clustered.btm.clusters = 4
+  if "btm" in clustered.btx.baselines and not clustered.btx.train_btx:
+    assert stages.stage_names(from_mapping(ExperimentConfig, clustered)) == [
+        "seed", "clusters", "cluster/0", "cluster/1", "cluster/2", "cluster/3", "eval"]
+
+
+@pytest.mark.parametrize("experiment", [btx, olmoe_tiny, btm, upcycle, dense])
 def test_experiment_files_list_every_key(experiment):
   """So that every key can be overridden on the command line."""
   raw = experiment.get_config()

@@ -54,3 +54,17 @@ def test_baselines_get_btx_training_flops_to_within_one_step():
   assert upcycled.moe.n_experts == 4 and upcycled.moe.d_ff is None
   assert stages.baseline_config(config, "dense").model == config.model
   assert stages.stage_names(config)[-4:] == ["upcycle", "dense", "eval", "export"]
+
+
+def test_cbtm_cluster_experts_together_get_btx_training_flops_to_within_one_step(tmp_path):
+  config = btx.get_config()
+  config.btm.clusters = 3
+  config = from_mapping(ExperimentConfig, config)
+  parts = [stages.cluster_config(config, i, tmp_path) for i in range(3)]
+  steps = [p.train.steps for p in parts]
+  assert max(steps) - min(steps) <= 1
+  data = parts[0].data
+  step = train_flops_per_token(config.model, data.seq_len) * data.batch_size * data.seq_len
+  total = sum(compute(p)["flops"] for p in parts)
+  assert abs(total - stages.btx_compute(config)["flops"]) <= step / 2
+  assert parts[1].data.domains["cluster1"].splits["train"] == str(tmp_path / "1.train.jsonl")

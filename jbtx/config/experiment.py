@@ -64,7 +64,8 @@ class ExperimentConfig:
 def _btx_stages(config: ExperimentConfig) -> set[str]:
   """Every stage name `btx.only` may select (jbtx.btx.stages has their order)."""
   clusters = config.btm.clusters
-  return ({"mix", "finetune", "eval", "export", *config.btx.baselines}
+  trained = {name for name in config.btx.baselines if name != "btm"}  # btm: eval only
+  return ({"mix", "finetune", "eval", "export", *trained}
           | {f"expert/{name}" for name in config.btx.experts}
           | ({"clusters", *(f"cluster/{i}" for i in range(clusters))} if clusters else set()))
 
