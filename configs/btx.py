@@ -12,8 +12,9 @@ under the domain posterior, and averaged), upcycle (sparse upcycling of the seed
 dense (the seed trained further), upcycle and dense trained for BTX's FLOPs; eval:
 every model on every domain and the math/knowledge tasks (results.json, one table);
 export: the BTX model in Hugging Face Mixtral format (hf/).
---config.btx.baselines="()" runs BTX alone; configs/btm.py, upcycle.py, dense.py run
-one baseline alone.
+--config.btx.baselines="()" runs BTX alone; configs/btm.py, upcycle.py, dense.py,
+llama_moe.py and olmoe.py run one baseline alone, and "llama_moe" and "olmoe" may be
+added to btx.baselines to join this table (not by default: the demo's time).
 
 The file lists every key of `jbtx.config.ExperimentConfig` (`to_config_dict`), so any
 can be overridden, e.g. --config.btx.finetune.steps=200 --config.btx.moe.routing=soft
@@ -28,6 +29,7 @@ from jbtx.config import (
     BTXConfig,
     DataConfig,
     ExperimentConfig,
+    LlamaMoEConfig,
     MoEConfig,
     OptimizerConfig,
     StageConfig,
@@ -70,10 +72,18 @@ def get_config() -> ml_collections.ConfigDict:
           export=True,
           baselines=("btm", "upcycle", "dense"),  # () = BTX alone
           train_btx=True,
-          upcycle_every=1),
+          upcycle_every=1,
+          olmoe=MoEConfig(n_experts=16, top_k=4, d_ff=None, routing="softmax_topk",
+                          renormalize=False, load_balance="switch", load_balance_coef=0.01,
+                          router_z_coef=0.001)),
       btm=BTMConfig(top_k=(1, 2), smoothing=0.01, average_batches=2, clusters=0,
                     temperature=0.1, cluster_documents=2000, tfidf_features=4096,
                     context_stride=32),
+      llama_moe=LlamaMoEConfig(
+          split="random", shared_experts=1, scale_outputs=True, importance_batches=4,
+          clustering_iterations=20, reweighting="none", reweight_every=50,
+          moe=MoEConfig(n_experts=8, top_k=2, routing="topk", router="noisy_mlp",
+                        load_balance="cv", load_balance_coef=0.01)),
       profile_steps="",  # e.g. "10,15": trace steps 10-15 into <stage>/tensorboard/
       dump_hlo=False,
       reuse_host_memory=True,  # glibc keeps freed blocks for reuse (faster on CPU)

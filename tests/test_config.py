@@ -7,7 +7,7 @@ import sys
 import ml_collections
 import pytest
 
-from configs import btm, btx, dense, llama2_7b_btx, olmoe_tiny, upcycle
+from configs import btm, btx, dense, llama2_7b_btx, llama_moe, olmoe, olmoe_tiny, upcycle
 from jbtx.config import (
     ConfigError,
     ExperimentConfig,
@@ -159,6 +159,15 @@ def _flat_keys(tree: dict, prefix: str = "") -> set[str]:
      "must be non-negative"),
     (lambda c: c.update(model=presets.config_dict("tiny_moe")), "model.moe",
      "a BTX seed is a dense model"),
+    (lambda c: (c.btx.update(baselines=("llama_moe",)), c.llama_moe.moe.update(n_experts=6)),
+     "llama_moe.moe.n_experts", "d_ff = 352 neurons do not split into 6 equal groups"),
+    (lambda c: (c.btx.update(baselines=("llama_moe",)), c.llama_moe.update(
+        split="sharing_inner", shared_experts=2)), "llama_moe.moe.n_experts",
+     "352 neurons do not split into 10 equal groups (8 experts + llama_moe.shared_experts"),
+    (lambda c: c.llama_moe.moe.update(n_shared_experts=1), "llama_moe.moe.n_shared_experts",
+     "is set by the split"),
+    (lambda c: c.btx.update(baselines=("olmoe",), seed_checkpoint="/converted"),
+     "btx.baselines", "has no recorded training FLOPs"),
 ])
 def test_btx_settings_name_their_key(mutate, key, fragment):
   config = btx.get_config()
@@ -189,6 +198,8 @@ def test_paper_scale_btx_config_is_the_papers_model(platform):
     (btm, ["seed", "expert/code", "expert/knowledge", "expert/math", "eval"]),
     (upcycle, ["seed", "upcycle", "eval"]),
     (dense, ["seed", "dense", "eval"]),
+    (llama_moe, ["seed", "llama_moe", "eval"]),
+    (olmoe, ["olmoe", "eval"]),  # from scratch: no seed
     (btx, ["seed", "expert/code", "expert/knowledge", "expert/math", "mix", "finetune",
            "upcycle", "dense", "eval", "export"]),
 ])
@@ -204,7 +215,7 @@ def test_each_baseline_config_runs_its_own_stages(experiment, names):
         "seed", "clusters", "cluster/0", "cluster/1", "cluster/2", "cluster/3", "eval"]
 
 
-@pytest.mark.parametrize("experiment", [btx, olmoe_tiny, btm, upcycle, dense])
+@pytest.mark.parametrize("experiment", [btx, olmoe_tiny, btm, upcycle, dense, llama_moe, olmoe])
 def test_experiment_files_list_every_key(experiment):
   """So that every key can be overridden on the command line."""
   raw = experiment.get_config()

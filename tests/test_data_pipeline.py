@@ -142,6 +142,23 @@ def test_mixture_proportions_over_10k_sequences(tmp_path):
     assert abs(domains.count(name) / len(domains) - weight) < 0.02, name
 
 
+def test_reweighting_is_llama_moes_update_towards_the_domain_furthest_behind():
+  """LLaMA-MoE / Sheared-LLaMA: w ← softmax(log w + η (L − L_ref)), then (1 − c) w + c/n,
+  with the defaults η = 1 and c = 1e-4."""
+  defaults = DataConfig()
+  assert (defaults.reweighting_eta, defaults.reweighting_smoothing) == (1.0, 1e-4)
+  weights, losses, reference = [0.2, 0.3, 0.5], [3.5, 2.2, 1.8], [2.0, 2.0, 2.0]
+  new = mixture.reweight(weights, losses, reference, eta=1.0, smoothing=1e-4)
+  logits = np.log(weights) + (np.asarray(losses) - reference)
+  expected = np.exp(logits) / np.exp(logits).sum()
+  np.testing.assert_allclose(new, (1 - 1e-4) * expected + 1e-4 / 3, rtol=1e-12)
+  assert new.sum() == pytest.approx(1.0) and (new > 0).all()
+  gains = new / np.asarray(weights)
+  assert np.argmax(gains) == 0 and gains[2] < 1 < gains[0]  # furthest above gains most
+  at_reference = mixture.reweight(weights, reference, reference, eta=1.0, smoothing=0.0)
+  np.testing.assert_allclose(at_reference, weights)  # nothing to correct
+
+
 def test_dynamic_reweighting_favours_domains_behind_their_reference(tmp_path):
   new = mixture.reweight([0.5, 0.5], losses=[3.0, 2.0], reference=[2.0, 2.0], eta=1.0,
                          smoothing=0.1)

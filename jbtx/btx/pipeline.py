@@ -4,7 +4,8 @@
     workdir/expert/<domain>/      one dense expert per domain, trained from the seed
     workdir/mix/                  the mixed MoE checkpoint (layers unrolled)
     workdir/finetune/             the finetuned MoE: the BTX model
-    workdir/upcycle/, dense/      baselines from the seed with BTX's FLOPs (btx.baselines)
+    workdir/upcycle/, dense/,     baselines with BTX's FLOPs (btx.baselines): from the seed,
+      llama_moe/, olmoe/          or from scratch (olmoe, which also gets the seed's FLOPs)
     workdir/eval/, results.json   every model on every domain, the results table
     workdir/hf/                   the BTX model in Hugging Face Mixtral format
 
@@ -27,7 +28,7 @@ import jax
 import numpy as np
 
 from jbtx import checkpoint, convert
-from jbtx.btx import btm_eval, cbtm, mix, router_init, stages
+from jbtx.btx import btm_eval, cbtm, llama_moe, mix, router_init, stages
 from jbtx.btx import workdir as workdir_lib
 from jbtx.btx.clusters import TfidfClusters
 from jbtx.btx.results import evaluate_model, summarise, table
@@ -140,13 +141,20 @@ def run_finetune(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> No
 
 
 def run_baseline(config: ExperimentConfig, paths: Paths, stop: StopSignal, name: str) -> None:
-  """Trains baseline `name` from the seed with BTX's training FLOPs (`stages.baseline_config`)."""
-  derived = stages.baseline_config(config, name)
+  """Trains baseline `name` with BTX's training FLOPs (`stages.baseline_config`): from
+  the seed (upcycled, split or as it is), or from scratch (olmoe)."""
+  seed_dir = paths.model_dir(SEED_EXPERT)
+  reweights = name == stages.LLAMA_MOE and config.llama_moe.reweighting == "loss"
+  derived = stages.baseline_config(
+      config, name, references=llama_moe.reference_losses(seed_dir) if reweights else None)
   if name == stages.UPCYCLE:
     scanned = dataclasses.replace(config.model, scan_layers=True)
-    initial = lambda: upcycle_params(
-        checkpoint.load_params_for(paths.model_dir(SEED_EXPERT), scanned), derived.model,
-        config.seed)
+    initial = lambda: upcycle_params(checkpoint.load_params_for(seed_dir, scanned),
+                                     derived.model, config.seed)
+  elif name == stages.LLAMA_MOE:
+    initial = lambda: llama_moe.initial_params(config, seed_dir)
+  elif name == stages.OLMOE:
+    initial = None  # from scratch
   else:
     initial = _seed_params(config, paths)
   train_stage(derived, paths.stage_dir(name), name, stop, initial_params=initial)
@@ -172,7 +180,7 @@ def _stage_compute(directory: pathlib.Path) -> dict[str, float]:
 
 def _evaluated(config: ExperimentConfig, paths: Paths) -> dict[str, pathlib.Path]:
   """The checkpoints evaluated, by row name: the seed, the experts, BTX, the baselines."""
-  models = {SEED_EXPERT: paths.model_dir(SEED_EXPERT)}
+  models = {SEED_EXPERT: paths.model_dir(SEED_EXPERT)} if stages.uses_seed(config) else {}
   if stages.uses_domain_experts(config):
     models |= {name: paths.model_dir(name) for name in config.btx.experts}
   if config.btx.train_btx:
@@ -197,7 +205,8 @@ def _btm_rows(config: ExperimentConfig, paths: Paths) -> dict[str, dict[str, Any
 
 def run_eval(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None:
   """Evaluates the seed, every expert, the BTX model and the baselines; writes
-  results.json (rows in the order seed, experts, BTM, upcycle, dense, BTX)."""
+  results.json (rows in the order seed, experts, BTM, upcycle, dense, llama_moe,
+  olmoe, BTX)."""
   eval_config = stages.eval_config(config)
   models = _evaluated(config, paths)
   compute = {name: _stage_compute(d) for name, d in models.items()}
@@ -213,16 +222,17 @@ def run_eval(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None:
   if stages.BTM in config.btx.baselines:
     log(f"[eval] {'c-btm' if config.btm.clusters else 'btm'}: ensembles and averages")
     rows |= _btm_rows(eval_config, paths)
-  last = ("btx", stages.UPCYCLE, stages.DENSE)
-  order = [n for n in rows if n not in last] + [stages.UPCYCLE, stages.DENSE, "btx"]
+  last = [*stages.TRAINED_BASELINES, "btx"]
+  order = [n for n in rows if n not in last] + last
   rows = {n: rows[n] for n in order if n in rows}
   if jax.process_index() == 0:
     results = {"rows": rows, "notes": {
         "compute": "training FLOPs of the row's own stages (6·active params·tokens plus "
                    "attention); btx = its experts' training plus the finetune; btm = its "
-                   "experts' training (no finetune); upcycle, dense and c-btm's cluster "
-                   "experts are trained for as many FLOPs as btx; the seed's row is the "
-                   "seed's training, shared by every other row"}}
+                   "experts' training (no finetune); upcycle, dense, llama_moe and c-btm's "
+                   "cluster experts are trained for as many FLOPs as btx, olmoe (from "
+                   "scratch) for btx's plus the seed's; the seed's row is the seed's "
+                   "training, shared by every row but olmoe"}}
     tmp = paths.workdir / f"{workdir_lib.RESULTS_FILE}.tmp"
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.rename(paths.workdir / workdir_lib.RESULTS_FILE)
@@ -255,8 +265,8 @@ def run_export(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None
 
 RUNNERS = {stages.SEED: run_seed, stages.MIX: run_mix, stages.FINETUNE: run_finetune,
            stages.EVAL: run_eval, stages.EXPORT: run_export, stages.CLUSTERS: run_clusters,
-           stages.UPCYCLE: lambda *args: run_baseline(*args, stages.UPCYCLE),
-           stages.DENSE: lambda *args: run_baseline(*args, stages.DENSE)}
+           **{name: lambda *args, name=name: run_baseline(*args, name)
+              for name in stages.TRAINED_BASELINES}}
 
 
 class Progress:
@@ -294,7 +304,9 @@ def _inputs(config: ExperimentConfig, stage: str) -> list[str]:
   experts = [stages.expert_stage(name) for name in config.btx.experts]
   if stage in (stages.SEED, stages.CLUSTERS):
     return []
-  if stage.startswith(stages.EXPERT_PREFIX) or stage in (stages.UPCYCLE, stages.DENSE):
+  if stage == stages.OLMOE:
+    return []
+  if stage.startswith(stages.EXPERT_PREFIX) or stage in stages.TRAINED_BASELINES:
     return [stages.SEED]
   if stage.startswith(stages.CLUSTER_PREFIX):
     return [stages.SEED, stages.CLUSTERS]

@@ -18,6 +18,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
+from jbtx.btx.split import expert_width
 from jbtx.config import BTXConfig, ExperimentConfig, ModelConfig, StageConfig, to_dict
 from jbtx.config.data import DomainConfig
 from jbtx.config.training import profile_window
@@ -25,7 +26,9 @@ from jbtx.training.loop import compute, total_compute
 from jbtx.training.metrics import train_flops_per_token
 
 SEED, MIX, FINETUNE, EVAL, EXPORT = "seed", "mix", "finetune", "eval", "export"
-BTM, UPCYCLE, DENSE = "btm", "upcycle", "dense"  # the baselines (`btx.baselines`)
+# The baselines (`btx.baselines`); the last four are trained.
+BTM, UPCYCLE, DENSE, LLAMA_MOE, OLMOE = "btm", "upcycle", "dense", "llama_moe", "olmoe"
+TRAINED_BASELINES = (UPCYCLE, DENSE, LLAMA_MOE, OLMOE)
 CLUSTERS = "clusters"  # c-BTM's clustering of the training documents
 EXPERT_PREFIX, CLUSTER_PREFIX = "expert/", "cluster/"
 
@@ -53,12 +56,18 @@ def uses_domain_experts(config: ExperimentConfig) -> bool:
                                                   and not config.btm.clusters))
 
 
+def uses_seed(config: ExperimentConfig) -> bool:
+  """Whether anything starts from the seed (OLMoE alone does not: it starts from scratch)."""
+  btx = config.btx
+  return not btx.experts or btx.train_btx or any(b != OLMOE for b in btx.baselines)
+
+
 def stage_names(config: ExperimentConfig) -> list[str]:
   """Every stage of the experiment, in order (the seed alone without BTX experts)."""
   btx = config.btx
   if not btx.experts:
     return [SEED]
-  stages = [SEED]
+  stages = [SEED] if uses_seed(config) else []
   if uses_domain_experts(config):
     stages += map(expert_stage, btx.experts)
   if btx.train_btx:
@@ -144,21 +153,64 @@ def upcycle_model_config(config: ExperimentConfig) -> ModelConfig:
   return dataclasses.replace(config.model, moe=moe)
 
 
-def baseline_config(config: ExperimentConfig, name: str) -> ExperimentConfig:
-  """Baseline `name` ("upcycle" or "dense"): its model trained from the seed on the
-  finetune mixture with the finetune's schedule, for as many steps as match BTX's
-  training FLOPs (to within one step's)."""
-  model = upcycle_model_config(config) if name == UPCYCLE else config.model
+def llama_moe_model_config(config: ExperimentConfig) -> ModelConfig:
+  """The split seed: `llama_moe.moe` layers of the seed's neurons (`jbtx.btx.split`)."""
+  llama_moe = config.llama_moe
+  moe = llama_moe.moe
+  shared = llama_moe.shared_experts if llama_moe.split == "sharing_inter" else 0
+  width, _ = expert_width(config.model.d_ff, moe.n_experts, llama_moe.split,
+                          llama_moe.shared_experts)
+  scale = moe.n_experts / moe.top_k if llama_moe.scale_outputs else 1.0
+  moe = dataclasses.replace(moe, d_ff=width, n_shared_experts=shared, output_scale=scale)
+  return dataclasses.replace(config.model, moe=moe)
+
+
+def olmoe_model_config(config: ExperimentConfig) -> ModelConfig:
+  """OLMoE from scratch: the seed's decoder with QK-norm and `btx.olmoe` layers."""
+  moe = config.btx.olmoe
+  moe = dataclasses.replace(moe, d_ff=moe.d_ff or config.model.d_ff // moe.top_k)
+  return dataclasses.replace(config.model, qk_norm=True, moe=moe)
+
+
+def baseline_model_config(config: ExperimentConfig, name: str) -> ModelConfig:
+  return {UPCYCLE: upcycle_model_config, LLAMA_MOE: llama_moe_model_config,
+          OLMOE: olmoe_model_config}.get(name, lambda c: c.model)(config)
+
+
+def baseline_config(config: ExperimentConfig, name: str,
+                    references: dict[str, float] | None = None) -> ExperimentConfig:
+  """Baseline `name` (one of TRAINED_BASELINES): its model trained on the finetune
+  mixture with the finetune's schedule, for as many steps as match BTX's training
+  FLOPs (to within one step's; OLMoE, from scratch, also gets the seed's).
+
+  LLaMA-MoE with `llama_moe.reweighting = "loss"` re-weights its domains every
+  `llama_moe.reweight_every` steps towards `references` (domain -> loss; a domain's
+  `reference_loss` wins); without `references` the mixture stays static (the stage's
+  identity, which the references derive from: the seed).
+  """
+  model = baseline_model_config(config, name)
   derived = dataclasses.replace(finetune_config(config), model=model)
-  steps = matched_steps(config, model)
-  return _dense(_with_training(derived, dataclasses.replace(config.btx.finetune, steps=steps)))
+  steps = matched_steps(config, model, with_seed=name == OLMOE)
+  derived = _dense(_with_training(derived, dataclasses.replace(config.btx.finetune,
+                                                               steps=steps)))
+  if name != LLAMA_MOE or config.llama_moe.reweighting == "none" or references is None:
+    return derived
+  domains = {d: spec if spec.reference_loss is not None
+             else dataclasses.replace(spec, reference_loss=references[d])
+             for d, spec in derived.data.domains.items()}
+  train = dataclasses.replace(derived.train, eval_every=config.llama_moe.reweight_every)
+  return dataclasses.replace(derived, train=train, data=dataclasses.replace(
+      derived.data, domains=domains, reweighting="loss"))
 
 
-def matched_steps(config: ExperimentConfig, model: ModelConfig) -> int:
-  """Steps of `model` on the finetune batches whose training FLOPs are BTX's."""
+def matched_steps(config: ExperimentConfig, model: ModelConfig, with_seed: bool = False) -> int:
+  """Steps of `model` on the finetune batches whose training FLOPs are BTX's (plus the
+  seed's training with `with_seed`)."""
   data = config.data
   per_step = train_flops_per_token(model, data.seq_len) * data.batch_size * data.seq_len
-  return max(1, round(btx_compute(config)["flops"] / per_step))
+  budget = btx_compute(config)["flops"] + (compute(seed_config(config))["flops"]
+                                           if with_seed else 0.0)
+  return max(1, round(budget / per_step))
 
 
 def cluster_config(config: ExperimentConfig, index: int,
@@ -200,8 +252,9 @@ def _plain(value: Any) -> Any:
 
 
 def _training_identity(config: ExperimentConfig) -> dict[str, Any]:
-  """A derived training stage's settings (its `btx` group is unused, so left out)."""
-  return {k: v for k, v in to_dict(config).items() if k != "btx"}
+  """A derived training stage's settings (the method groups, which the training engine
+  does not read, left out: a stage that depends on one adds it)."""
+  return {k: v for k, v in to_dict(config).items() if k not in ("btx", "btm", "llama_moe")}
 
 
 def stage_identity(config: ExperimentConfig, stage: str) -> dict[str, Any]:
@@ -217,8 +270,12 @@ def stage_identity(config: ExperimentConfig, stage: str) -> dict[str, Any]:
     tree = _mix_identity(config)
   elif stage == FINETUNE:
     tree = _training_identity(finetune_config(config)) | {"mix": _mix_identity(config)}
-  elif stage in (UPCYCLE, DENSE):
-    tree = _training_identity(baseline_config(config, stage)) | {"from_seed": seed}
+  elif stage in TRAINED_BASELINES:
+    tree = _training_identity(baseline_config(config, stage))
+    if stage == LLAMA_MOE:
+      tree["llama_moe"] = to_dict(config.llama_moe)
+    if stage != OLMOE:
+      tree["from_seed"] = seed
   elif stage == CLUSTERS:
     tree = _clusters_identity(config)
   elif stage.startswith(CLUSTER_PREFIX):

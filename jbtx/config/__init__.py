@@ -11,6 +11,7 @@ from jbtx.config.btm import BTMConfig
 from jbtx.config.btx import BTXConfig, StageConfig
 from jbtx.config.data import DataConfig
 from jbtx.config.experiment import BYTE_VOCAB_SIZE, ExperimentConfig
+from jbtx.config.llama_moe import LlamaMoEConfig
 from jbtx.config.model import ModelConfig, MoEConfig
 from jbtx.config.optimizer import OptimizerConfig
 from jbtx.config.parallel import MESH_AXES, MeshConfig
@@ -24,6 +25,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
+    "LlamaMoEConfig",
     "MeshConfig",
     "MoEConfig",
     "ModelConfig",

@@ -10,7 +10,7 @@ from jbtx.config.model import MoEConfig
 
 MixFFN = Literal["experts", "blend", "split"]
 RouterInit = Literal["random", "hidden"]
-Baseline = Literal["btm", "upcycle", "dense"]
+Baseline = Literal["btm", "upcycle", "dense", "llama_moe", "olmoe"]
 SEED_EXPERT = "seed"  # the name of the seed's FFN among the mixed experts
 
 
@@ -75,11 +75,17 @@ class BTXConfig:
       (Branch-Train-Merge on BTX's experts, or c-BTM's: `config.btm`), "upcycle" (sparse
       upcycling: the seed's FFN copied into every expert, `btx.moe` routing) and
       "dense" (the seed trained further); upcycle, dense and c-BTM's experts train on
-      the finetune mixture for BTX's training FLOPs (experts + finetune).
+      the finetune mixture for BTX's training FLOPs (experts + finetune); "llama_moe"
+      (the seed's FFNs split into experts, `config.llama_moe`) likewise; "olmoe" (a
+      fine-grained MoE from scratch, `btx.olmoe`) for the seed's FLOPs plus BTX's.
     train_btx: run BTX's mix, finetune and export; False runs the baselines alone
       (BTX's expert and finetune stages still set their matched budget).
     upcycle_every: the upcycled model has an MoE layer every this many layers (2 =
       every other layer, as sparse upcycling's decoders; 1 = all, as BTX).
+    olmoe: the "olmoe" baseline's MoE layer, in the seed's decoder with QK-norm (OLMoE:
+      softmax over all experts, top-k without renormalisation, Switch-form load
+      balancing 0.01, z-loss 0.001); `d_ff` None = the seed's d_ff / top_k (the active
+      FFN as wide as the seed's).
   """
 
   seed_checkpoint: str = ""
@@ -103,6 +109,9 @@ class BTXConfig:
   baselines: tuple[Baseline, ...] = ()
   train_btx: bool = True
   upcycle_every: int = 1
+  olmoe: MoEConfig = dataclasses.field(default_factory=lambda: MoEConfig(
+      n_experts=16, top_k=4, routing="softmax_topk", renormalize=False,
+      load_balance="switch", load_balance_coef=0.01, router_z_coef=0.001))
 
   def __post_init__(self):
     _require(SEED_EXPERT not in self.experts, f"experts.{SEED_EXPERT}",

@@ -10,6 +10,7 @@ from jbtx.config.btm import BTMConfig
 from jbtx.config.btx import BTXConfig
 from jbtx.config.data import DataConfig
 from jbtx.config.distributed import DistributedConfig
+from jbtx.config.llama_moe import LlamaMoEConfig
 from jbtx.config.model import ModelConfig
 from jbtx.config.optimizer import OptimizerConfig
 from jbtx.config.parallel import MeshConfig
@@ -31,6 +32,7 @@ class ExperimentConfig:
   distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
   btx: BTXConfig = dataclasses.field(default_factory=BTXConfig)
   btm: BTMConfig = dataclasses.field(default_factory=BTMConfig)
+  llama_moe: LlamaMoEConfig = dataclasses.field(default_factory=LlamaMoEConfig)
   profile_steps: str = ""  # "FIRST,LAST": trace these steps (jbtx.training.profiling)
   dump_hlo: bool = False  # write the train step's HLO under <stage>/hlo/
   reuse_host_memory: bool = True  # glibc keeps freed blocks for reuse (jbtx.host_memory)
@@ -78,6 +80,19 @@ def _check_btm(config: ExperimentConfig) -> None:
              f"{k} exceeds the ensemble's {members} experts, got {config.btm.top_k}")
 
 
+def _check_llama_moe(config: ExperimentConfig) -> None:
+  """The split's widths against the seed's FFN (`jbtx.btx.split.expert_width`)."""
+  llama_moe, d_ff = config.llama_moe, config.model.d_ff
+  n_experts = llama_moe.moe.n_experts
+  groups = n_experts + (llama_moe.shared_experts if llama_moe.split.startswith("sharing")
+                        else 0)
+  _require(d_ff % groups == 0, "llama_moe.moe.n_experts",
+           f"the seed's d_ff = {d_ff} neurons do not split into {groups} equal groups "
+           f"({n_experts} experts" + (f" + llama_moe.shared_experts = "
+                                       f"{llama_moe.shared_experts})" if groups > n_experts
+                                       else ")"))
+
+
 def _check_btx(config: ExperimentConfig) -> None:
   """The BTX settings that depend on the model and the data (see `BTXConfig`)."""
   btx, model = config.btx, config.model
@@ -102,6 +117,11 @@ def _check_btx(config: ExperimentConfig) -> None:
                f"needs an entry for the demo task domain {spec.name!r}")
   if "btm" in btx.baselines:
     _check_btm(config)
+  if "llama_moe" in btx.baselines:
+    _check_llama_moe(config)
+  _require(not btx.seed_checkpoint or "olmoe" not in btx.baselines, "btx.baselines",
+           "olmoe trains from scratch for the seed's FLOPs plus BTX's, and a converted "
+           "seed (btx.seed_checkpoint) has no recorded training FLOPs")
   _require(btx.train_btx or btx.baselines, "btx.train_btx",
            "is False and btx.baselines is empty: there is nothing to run after the seed")
   _require(btx.moe.every == 1 and btx.moe.n_shared_experts == 0, "btx.moe.every",

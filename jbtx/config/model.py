@@ -15,7 +15,8 @@ Dispatch = Literal["auto", "dropless", "blocked", "capacity", "dense", "loop", "
 # Paths that compute expert-choice routing exactly (the others would run every expert
 # on every token through the k = E token-major form, or drop by a second capacity).
 EXPERT_CHOICE_DISPATCH = ("auto", "expert_choice", "dense", "loop")
-LoadBalance = Literal["btx", "switch"]
+LoadBalance = Literal["btx", "switch", "cv"]
+Router = Literal["linear", "noisy_mlp"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,11 @@ class MoEConfig:
       expert takes the C tokens of each group with the highest router probability,
       C = ceil(capacity_factor · group · top_k / E); Zhou et al. 2022; not causal, so
       training and full-sequence evaluation only).
+    router: "linear" (logits = x W, param "router" [embed, E]) or "noisy_mlp"
+      (LLaMA-MoE's TopKBalancedNoisyGate: logits = tanh(x W) W_h, params "router"
+      [embed, E] and "router_hidden" [E, E]; in training Shazeer's noise
+      `N(0, 1) · (softplus(x W_noise) + 0.01)` is added, W_noise = "router_noise"
+      [embed, E], zero-initialised); "noisy_mlp" needs routing "topk".
     renormalize: for "softmax_topk", divide the k gate values by their sum (OLMoE: no).
     dispatch: "dropless" (sort + grouped matmul), "blocked" (sort + a loop over row
       blocks per expert, for CPU), "capacity" (GShard einsums, tokens over capacity
@@ -45,13 +51,19 @@ class MoEConfig:
     capacity_group_size: tokens per routing group (GShard capacity, expert choice).
     every: MoE FFN in every n-th layer (the last of each group of n); 1 = all layers.
     n_shared_experts: always-on experts of width d_ff, added to the routed output.
+    output_scale: factor on the routed experts' combined output (not on the shared
+      experts'); LLaMA-MoE uses E / k (4.0 for 2-of-8) so that experts split from a
+      dense FFN keep its output magnitude.
     router_jitter: multiplicative uniform noise on the router input in training.
     gumbel_temperature: initial temperature τ0 of "sample_top1" in training.
     gumbel_min_temperature: floor of the annealed temperature.
     gumbel_anneal_rate: r of the schedule `τ(step) = max(τ_min, τ0 · exp(−r · step))`
       (Jang et al. 2017's annealing; r = 0 keeps τ0 constant).
     load_balance: "btx" (`N Σ u_i p_i`, u = mean gate value) or "switch"
-      (`N Σ f_i p_i`, f = fraction of assignments); both equal 1 when balanced.
+      (`N Σ f_i p_i`, f = fraction of assignments), both 1 when balanced; or "cv"
+      (LLaMA-MoE: `CV²(importance) + CV²(load)`, importance = summed gate values,
+      load = tokens per expert, Shazeer's smooth estimate under the noisy gate's
+      training noise), 0 when balanced. See `routing.load_balance_loss`.
     load_balance_coef: weight of the load-balancing loss (averaged over layers).
     router_z_coef: weight of the router z-loss (averaged over layers).
   """
@@ -60,12 +72,14 @@ class MoEConfig:
   top_k: int = 2
   d_ff: int | None = None
   routing: Routing = "topk"
+  router: Router = "linear"
   renormalize: bool = True
   dispatch: Dispatch = "auto"
   capacity_factor: float = 1.5
   capacity_group_size: int = 1024
   every: int = 1
   n_shared_experts: int = 0
+  output_scale: float = 1.0
   router_jitter: float = 0.0
   gumbel_temperature: float = 1.0
   gumbel_min_temperature: float = 0.5
@@ -83,6 +97,10 @@ class MoEConfig:
              f"must be positive, got {self.capacity_factor}")
     _require(self.n_shared_experts >= 0, "n_shared_experts",
              f"must be non-negative, got {self.n_shared_experts}")
+    _require(self.output_scale > 0, "output_scale",
+             f"must be positive, got {self.output_scale}")
+    _require(self.router != "noisy_mlp" or self.routing == "topk", "routing",
+             f"router='noisy_mlp' (LLaMA-MoE's gate) routes with 'topk', got {self.routing!r}")
     _require(0 <= self.router_jitter < 1, "router_jitter",
              f"must be in [0, 1), got {self.router_jitter}")
     _require(self.gumbel_temperature > 0, "gumbel_temperature",
@@ -101,6 +119,13 @@ class MoEConfig:
              f"'expert_choice' dispatch needs routing='expert_choice', got {self.routing!r}")
     for key in ("load_balance_coef", "router_z_coef"):
       _require(getattr(self, key) >= 0, key, f"must be non-negative, got {getattr(self, key)}")
+
+  def router_params(self, d_model: int) -> int:
+    """Parameters of one layer's router: `d·E`, plus `E·E + d·E` for "noisy_mlp"."""
+    linear = d_model * self.n_experts
+    if self.router == "noisy_mlp":
+      return 2 * linear + self.n_experts * self.n_experts
+    return linear
 
   @property
   def experts_per_token(self) -> float:
@@ -194,6 +219,6 @@ class ModelConfig:
       width = moe.d_ff or self.d_ff
       n_used = moe.experts_per_token if active else moe.n_experts
       moe_ffn = (3 * self.d_model * width * (n_used + moe.n_shared_experts)
-                 + self.d_model * moe.n_experts)
+                 + moe.router_params(self.d_model))
       layers += (self.n_layers // moe.every) * (moe_ffn - dense_ffn)
     return round(layers) + 2 * self.vocab_size * self.d_model + self.d_model

@@ -1,11 +1,13 @@
 """The Mixture-of-Experts feed-forward layer.
 
     x [batch, seq, embed] -> router (float32 logits [tokens, E]) -> routing (experts,
-    gate values) -> dispatch to SwiGLU experts -> Σ_j g_j · FF_j(x) (+ shared experts)
+    gate values) -> dispatch to SwiGLU experts -> output_scale · Σ_j g_j · FF_j(x)
+    (+ shared experts, not scaled)
 
 Parameters of the module (named "moe" in a block), with logical axes:
 
     router   [embed, expert]
+    router_hidden [None, expert]      router_noise [embed, expert]   ("noisy_mlp" only)
     gate     [expert, embed, mlp]      up   [expert, embed, mlp]
     down     [expert, mlp, embed]
     shared/{gate,up,down}/kernel       a dense SwiGLU of width n_shared_experts · d_ff
@@ -66,7 +68,8 @@ class MoE(nn.Module):
 
   Attributes:
     config: model config with `moe` set.
-    train: training mode: router jitter and Gumbel sampling draw from the "router" RNG.
+    train: training mode: router jitter, Gumbel sampling and the "noisy_mlp" gate's
+      noise draw from the "router" RNG.
   """
 
   config: ModelConfig
@@ -78,16 +81,14 @@ class MoE(nn.Module):
     cfg, moe = self.config, self.config.moe
     n_experts, d, f = moe.n_experts, cfg.d_model, moe.d_ff or cfg.d_ff
     param_dtype, dtype = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
-    tokens = x.reshape(-1, d)
+    tokens = jnp.asarray(x).reshape(-1, d)  # a NumPy x would reach dispatch eagerly
 
     router_in = tokens.astype(jnp.float32)
     if self.train and moe.router_jitter > 0:
       noise = jax.random.uniform(self.make_rng("router"), router_in.shape, jnp.float32,
                                  1.0 - moe.router_jitter, 1.0 + moe.router_jitter)
       router_in = router_in * noise
-    router = self.param("router", kernel_init(cfg, ("embed", "expert")), (d, n_experts),
-                        param_dtype)
-    logits = router_in @ router.astype(jnp.float32)  # [T, E], always float32
+    logits, load = self._router_logits(router_in)  # [T, E], always float32
     taken = None  # expert-choice routing's [E, C] form
     if moe.routing == "expert_choice":
       taken = routing.expert_choice(logits, moe)
@@ -111,16 +112,52 @@ class MoE(nn.Module):
            if dispatch_path(cfg) == "expert_choice"
            else self._dispatch(tokens.astype(dtype), choice, experts)[0])
       dropped = routing.untaken_fraction(taken, len(tokens))
+    if moe.output_scale != 1.0:
+      y = y * jnp.asarray(moe.output_scale, y.dtype)
     if moe.n_shared_experts:
       shared_cfg = dataclasses.replace(cfg, d_ff=moe.n_shared_experts * f, moe=None)
-      y = y + MLP(shared_cfg, name="shared")(tokens.astype(dtype))
+      # On `[batch, seq, embed]`: the MLP's activation constraints name those axes.
+      y = y + MLP(shared_cfg, name="shared")(x.astype(dtype)).reshape(y.shape)
 
-    stats = {"load_balance_loss": routing.load_balance_loss(logits, choice, moe.load_balance),
+    balance = routing.load_balance_loss(logits, choice, moe.load_balance, load)
+    stats = {"load_balance_loss": balance,
              "router_z_loss": routing.router_z_loss(logits), "dropped_fraction": dropped,
              **routing.router_metrics(logits, choice)}
     self.sow("intermediates", "moe_stats", stats)
     self.sow("intermediates", "router_logits", logits)
     return y.reshape(x.shape).astype(dtype)
+
+  def _router_logits(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Float32 router logits `[T, E]` of tokens `x [T, embed]`, and a load `[E]` or None.
+
+    "linear": `x W`. "noisy_mlp" (LLaMA-MoE): `tanh(x W) W_h`, plus in training the
+    noise `N(0, 1) · (softplus(x W_noise) + 0.01)`; with k < E the load is then
+    Shazeer's smooth estimate (`routing.smooth_load`), for the "cv" balance loss.
+    """
+    cfg, moe = self.config, self.config.moe
+    d, n_experts = cfg.d_model, moe.n_experts
+
+    def kernel(name, shape, axes, init=None):
+      init = init or kernel_init(cfg, axes)
+      value = self.param(name, init, shape, dtype_of(cfg.param_dtype))
+      return value.astype(jnp.float32)
+
+    logits = x @ kernel("router", (d, n_experts), ("embed", "expert"))
+    if moe.router == "linear":
+      return logits, None
+    if moe.router != "noisy_mlp":
+      raise ValueError(f"unknown router {moe.router!r}")
+    clean = jnp.tanh(logits) @ kernel("router_hidden", (n_experts, n_experts), (None, "expert"))
+    # Zero-initialised as in LLaMA-MoE (and Shazeer et al.): noise std softplus(0) + 0.01.
+    zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "expert"))
+    w_noise = kernel("router_noise", (d, n_experts), ("embed", "expert"), zeros)
+    if not self.train:
+      return clean, None
+    noise_std = jax.nn.softplus(x @ w_noise) + 0.01
+    noisy = clean + jax.random.normal(self.make_rng("router"), clean.shape, jnp.float32) * noise_std
+    if moe.load_balance != "cv" or moe.top_k >= n_experts:
+      return noisy, None
+    return noisy, routing.smooth_load(clean, noisy, noise_std, moe.top_k)
 
   def _dispatch(self, tokens, choice, experts) -> tuple[jax.Array, jax.Array]:
     path = dispatch_path(self.config)

@@ -15,6 +15,16 @@ Variants (`MoEConfig.routing`):
   expert_choice each expert takes the C tokens of its group     Zhou et al. 2022
                 with the highest softmax(logits), g = that prob
 
+Load-balancing losses (`MoEConfig.load_balance`, `load_balance_loss`):
+
+  btx     N · Σ_i u_i · p_i, u = mean gate value            BTX; 1 when balanced
+  switch  N · Σ_i f_i · p_i, f = fraction of assignments    Switch, OLMoE; 1 when balanced
+  cv      CV²(importance) + CV²(load)                        LLaMA-MoE; 0 when balanced
+
+with p the mean router probabilities, importance the summed gate values, load the
+tokens per expert (under the noisy gate in training, Shazeer et al. 2017's smooth
+estimate `smooth_load`).
+
 Expert choice is expert-major: `expert_choice` returns the `[E, C]` token indices and
 gates that `dispatch.expert_choice` consumes; `route` returns the same decision as a
 token-major Routing with k = E (gate 0 for experts that did not take the token), which
@@ -163,14 +173,26 @@ def assignment_fractions(routing: Routing, n_experts: int) -> jax.Array:
   return counts / routing.experts.size
 
 
-def load_balance_loss(logits: jax.Array, routing: Routing, kind: str) -> jax.Array:
-  """Per-layer load-balancing loss `N · Σ_i a_i · p_i`, equal to 1 when balanced.
+def load_balance_loss(logits: jax.Array, routing: Routing, kind: str,
+                      load: jax.Array | None = None) -> jax.Array:
+  """Per-layer load-balancing loss of float32 `logits [T, E]` and their `routing`.
 
-  `p_i` is the batch mean of softmax(logits)_i. `a_i` is, for kind "btx" (BTX paper),
-  the batch mean of the gate value g_i; for kind "switch" (Switch, OLMoE per layer),
-  the fraction of assignments routed to expert i.
+  Kinds "btx" and "switch" are `N · Σ_i a_i · p_i`, equal to 1 when balanced: `p_i`
+  is the batch mean of softmax(logits)_i; `a_i` is, for "btx" (BTX paper), the batch
+  mean of the gate value g_i; for "switch" (Switch, OLMoE per layer), the fraction of
+  assignments routed to expert i.
+
+  Kind "cv" (LLaMA-MoE, after Shazeer et al. 2017) is `CV²(importance) + CV²(load)`,
+  equal to 0 when balanced: importance `[E]` is the sum over tokens of the gate
+  values; load `[E]` is `load` if given (the noisy gate's smooth estimate,
+  `smooth_load`), else the number of tokens with a non-zero gate for each expert.
   """
   n_experts = logits.shape[-1]
+  if kind == "cv":
+    gates = gate_matrix(routing, n_experts)
+    if load is None:
+      load = jnp.sum((gates > 0).astype(jnp.float32), axis=0)
+    return cv_squared(jnp.sum(gates, axis=0)) + cv_squared(load)
   p = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
   if kind == "btx":
     a = jnp.mean(gate_matrix(routing, n_experts), axis=0)
@@ -179,6 +201,48 @@ def load_balance_loss(logits: jax.Array, routing: Routing, kind: str) -> jax.Arr
   else:
     raise ValueError(f"unknown load-balance kind {kind!r}")
   return n_experts * jnp.sum(a * p)
+
+
+def cv_squared(x: jax.Array, eps: float = 1e-10) -> jax.Array:
+  """Squared coefficient of variation of `x [n]`: `var(x) / (mean(x)² + eps)`.
+
+  The variance is unbiased (n − 1), as torch.var in LLaMA-MoE's `cv_squared`; 0 for
+  n = 1.
+  """
+  x = x.astype(jnp.float32)
+  if x.shape[0] == 1:
+    return jnp.zeros((), jnp.float32)
+  return jnp.var(x, ddof=1) / (jnp.mean(x) ** 2 + eps)
+
+
+def prob_in_top_k(clean: jax.Array, noisy: jax.Array, noise_std: jax.Array,
+                  k: int) -> jax.Array:
+  """Probability that each expert is in a token's top-k under re-drawn noise, `[T, E]`.
+
+  Shazeer et al. 2017's `_prob_in_top_k`: `Φ((clean − threshold) / noise_std)`, where
+  the threshold is the (k+1)-th largest noisy logit for an expert in the top-k (the
+  other noisy logits held fixed, it stays in while its noisy logit beats that one)
+  and the k-th largest for an expert outside it. "In" means the expert's noisy logit
+  exceeds the (k+1)-th largest, as Shazeer has it; LLaMA-MoE's code compares the
+  noise alone (noisy − clean) with that threshold instead.
+
+  Args:
+    clean: float32 logits without noise `[T, E]`.
+    noisy: `clean` plus the noise the routing used `[T, E]`.
+    noise_std: standard deviation of that noise, positive `[T, E]`.
+    k: experts per token, k < E.
+  """
+  top = jax.lax.top_k(noisy, k + 1)[0]
+  threshold_if_in, threshold_if_out = top[:, k:k + 1], top[:, k - 1:k]
+  is_in = noisy > threshold_if_in
+  threshold = jnp.where(is_in, threshold_if_in, threshold_if_out)
+  return jax.scipy.stats.norm.cdf((clean - threshold) / noise_std)
+
+
+def smooth_load(clean: jax.Array, noisy: jax.Array, noise_std: jax.Array,
+                k: int) -> jax.Array:
+  """Shazeer's differentiable load estimate `[E]`: `prob_in_top_k` summed over tokens."""
+  return jnp.sum(prob_in_top_k(clean, noisy, noise_std, k), axis=0)
 
 
 def router_z_loss(logits: jax.Array) -> jax.Array:

@@ -11,6 +11,7 @@ import optax
 from jbtx.config import OptimizerConfig
 
 _EXPERT_LEAVES = ("gate", "up", "down")
+_ROUTER_LEAVES = ("router", "router_hidden", "router_noise")  # the last two: "noisy_mlp"
 
 
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -34,7 +35,7 @@ def parameter_group(path: tuple[str, ...]) -> str:
   """"router", "experts" (routed and shared expert FFNs of MoE layers) or "other"."""
   if "moe" not in path:
     return "other"
-  if path[-1] == "router":
+  if path[-1] in _ROUTER_LEAVES:
     return "router"
   return "experts" if path[-1] in _EXPERT_LEAVES or "shared" in path else "other"
 
