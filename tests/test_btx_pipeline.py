@@ -15,7 +15,10 @@ import pytest
 
 import jbtx
 from jbtx import checkpoint
+from jbtx.btx import pipeline
+from jbtx.config import ConfigError, ExperimentConfig, from_mapping
 from jbtx.models.llama import unstack_layers
+from tests import btx_short
 from tests.training_runs import (
     btx,
     btx_command,
@@ -96,20 +99,26 @@ def test_a_complete_pipeline_is_skipped_and_a_changed_experiment_refused(
   assert again.stdout.count("already complete") == 7
   before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
 
-  changed = btx(workdir, run_env, "--config.btx.moe.top_k=1")
+  changed = btx(workdir, run_env, "--config.btx.moe.top_k=1")  # the CLI's exit and message
   assert changed.returncode == 2
   assert "config key 'model.moe.top_k'" in changed.stderr
   assert "mix was made by another experiment" in changed.stderr
-  changed = btx(workdir, run_env, "--config.btx.experts.math.steps=7")
-  assert changed.returncode == 2 and "'train.steps'" in changed.stderr
-  assert "expert/math was made by another experiment" in changed.stderr
+  with pytest.raises(ConfigError, match=r"'train\.steps'.*expert/math was made by another"):
+    _run_in_process(workdir, lambda c: c.btx.experts.math.update(steps=7))
   after = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
   assert after == before  # nothing written
 
   (workdir / "expert" / "code" / "stage.json").write_text("{")  # a damaged record
-  damaged = btx(workdir, run_env)
-  assert damaged.returncode == 2 and "expert/code/stage.json is not a stage record" in (
-      damaged.stderr)
+  with pytest.raises(ConfigError, match=r"expert/code/stage\.json is not a stage record"):
+    _run_in_process(workdir, lambda c: None)
+
+
+def _run_in_process(workdir, mutate):
+  """The pipeline on tests/btx_short.py changed by `mutate`, in this process (for runs
+  refused before anything is computed)."""
+  config = btx_short.get_config()
+  mutate(config)
+  pipeline.run(from_mapping(ExperimentConfig, config), workdir)
 
 
 def test_experts_trained_as_separate_jobs_mix_into_the_same_model(
@@ -240,19 +249,30 @@ def test_finetune_variants_are_overrides_of_the_stage(btx_run, run_env, tmp_path
   assert set(json.loads((tmp_path / "results.json").read_text())["rows"]) == set(MODELS)
 
 
-def test_baselines_join_a_finished_run_btm_with_its_experts_flops(
-    btx_run, run_env, tmp_path):  # noqa: F811
+def test_baselines_join_a_finished_run_each_with_its_flops(btx_run, run_env, tmp_path):  # noqa: F811
+  """All five at once (one evaluation): BTM on the experts, upcycling, dense, LLaMA-MoE
+  split from the seed with residual experts and dynamic domain weights, OLMoE from
+  scratch with the seed's FLOPs as well."""
   workdir = tmp_path / "run"
   shutil.copytree(btx_run, workdir)
-  result = btx(workdir, run_env, "--config.btx.baselines=('btm', 'upcycle', 'dense')")
-  assert result.returncode == 0, result.stderr
-  assert "[btx] stage 6/9 upcycle: starting" in result.stdout
-  assert "[btx] stage 7/9 dense: starting" in result.stdout
-  assert "evaluating again" in result.stdout and (workdir / "results.json.old").exists()
-  assert "[btx] stage 9/9 export: already complete" in result.stdout
+  result = btx(workdir, run_env,
+               "--config.btx.baselines=('btm', 'upcycle', 'dense', 'llama_moe', 'olmoe')",
+               "--config.llama_moe.split=sharing_inter", "--config.llama_moe.shared_experts=3",
+               "--config.llama_moe.reweighting=loss", "--config.llama_moe.reweight_every=4",
+               "--config.btx.task_examples=0")  # perplexity only: decoding costs compiles
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  out = result.stdout
+  for i, stage in enumerate(["upcycle", "dense", "llama_moe", "olmoe"], start=6):
+    assert f"[btx] stage {i}/11 {stage}: starting" in out
+  assert "evaluating again" in out and (workdir / "results.json.old").exists()
+  assert "[btx] stage 11/11 export: already complete" in out
+  assert "into 8 experts of 32 (sharing_inter)" in out
+  assert "[llama_moe] neuron importance over 4 batches of each of code, general" in out
+  assert "[llama_moe] domain weights code" in out  # re-weighted every 4 steps
+
   rows = json.loads((workdir / "results.json").read_text())["rows"]
   btm = ("btm top-1", "btm top-2", "btm average", "btm posterior average")
-  assert tuple(rows) == (*MODELS[:-1], *btm, "upcycle", "dense", "btx")
+  assert tuple(rows) == (*MODELS[:-1], *btm, "upcycle", "dense", "llama_moe", "olmoe", "btx")
   expert_flops = sum(rows[n]["compute"]["flops"] for n in ("code", "math"))
   assert all(rows[n]["compute"]["flops"] == expert_flops for n in btm)
   weights = rows["btm posterior average"]["weights"]
@@ -260,23 +280,36 @@ def test_baselines_join_a_finished_run_btm_with_its_experts_flops(
   assert all(sum(w.values()) == pytest.approx(1.0) and set(w) == {"code", "math", "seed"}
              for w in weights.values())
   assert weights["math"]["math"] > weights["math"]["code"]  # math text favours the math expert
-  assert rows["btx"] == json.loads((btx_run / "results.json").read_text())["rows"]["btx"]
-  for name in ("upcycle", "dense"):  # BTX's FLOPs, to within one of the baseline's steps
+  before = json.loads((btx_run / "results.json").read_text())["rows"]["btx"]
+  assert rows["btx"]["domains"] == before["domains"] and not rows["btx"]["tasks"]
+  btx_flops, seed_flops = rows["btx"]["compute"]["flops"], rows["seed"]["compute"]["flops"]
+  for name in ("upcycle", "dense", "llama_moe", "olmoe"):  # to within one of its steps
+    budget = btx_flops + (seed_flops if name == "olmoe" else 0.0)
     steps = checkpoint.read_record(workdir / name)["metrics"]["steps"]
-    assert abs(rows[name]["compute"]["flops"] - rows["btx"]["compute"]["flops"]) <= (
-        rows[name]["compute"]["flops"] / steps)
+    assert abs(rows[name]["compute"]["flops"] - budget) <= rows[name]["compute"]["flops"] / steps
   assert checkpoint.load_config(workdir / "upcycle").moe.n_experts == 3
+  split = checkpoint.load_config(workdir / "llama_moe")
+  assert (split.moe.n_experts, split.moe.d_ff, split.moe.n_shared_experts) == (8, 32, 3)
+  assert split.moe.output_scale == 4.0 and split.moe.router == "noisy_mlp"
+  olmoe = checkpoint.load_config(workdir / "olmoe")
+  assert olmoe.qk_norm and (olmoe.moe.n_experts, olmoe.moe.top_k, olmoe.moe.d_ff) == (16, 4, 88)
+  assert not olmoe.moe.renormalize and olmoe.moe.routing == "softmax_topk"
 
 
 CBTM = ("--config.btx.train_btx=False", "--config.btx.baselines=('btm',)",
-        "--config.btm.clusters=2", "--config.btm.context_stride=8")
+        "--config.btm.clusters=2", "--config.btm.context_stride=8",
+        "--config.btx.task_examples=0")  # the ensembles' decoding is tested in test_btm.py
 
 
-def test_cbtm_alone_killed_in_a_cluster_expert_reruns_to_the_same_table(run_env, tmp_path):  # noqa: F811
-  reference = tmp_path / "reference"
+def test_cbtm_alone_killed_in_a_cluster_expert_reruns_to_the_same_table(
+    btx_run, run_env, tmp_path):  # noqa: F811
+  reference, killed = tmp_path / "reference", tmp_path / "killed"
+  for workdir in (reference, killed):  # the same seed: its identity ignores the btm group
+    shutil.copytree(btx_run / "seed", workdir / "seed")
   result = btx(reference, run_env, *CBTM)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  for i, stage in enumerate(["seed", "clusters", "cluster/0", "cluster/1", "eval"], 1):
+  assert "[btx] stage 1/5 seed: already complete" in result.stdout
+  for i, stage in enumerate(["clusters", "cluster/0", "cluster/1", "eval"], 2):
     assert f"[btx] stage {i}/5 {stage}: done" in result.stdout
   summary = json.loads((reference / "clusters" / "summary.json").read_text())
   assert abs(summary["documents"][0] - summary["documents"][1]) <= 1
@@ -284,7 +317,6 @@ def test_cbtm_alone_killed_in_a_cluster_expert_reruns_to_the_same_table(run_env,
   assert tuple(rows) == ("seed", "c-btm top-1", "c-btm top-2")
   assert not (reference / "mix").exists() and not (reference / "expert").exists()
 
-  killed = tmp_path / "killed"
   _kill_when(killed, run_env,
              lambda: _complete_steps(killed / "cluster" / "1" / "checkpoints"), *CBTM)
   assert not (killed / "cluster" / "1" / checkpoint.CONFIG_FILE).exists()

@@ -74,6 +74,8 @@ def test_valid_config_becomes_frozen_dataclasses():
     (lambda c: c.model.update(dtype="float64"), "model.dtype", "must be one of"),
     (lambda c: c.model.update(remat_policy="some"), "model.remat_policy", "must be one of"),
     (lambda c: c.model.update(rope_theta=-1.0), "model.rope_theta", "must be positive"),
+    (lambda c: c.model.update(moe={"n_experts": 4, "top_k": 5}), "model.moe.top_k",
+     "must be at most n_experts (4)"),  # inside an optional group: its own key
     (lambda c: c.model.update(vocab_size=100), "model.vocab_size", "byte tokens"),
     (lambda c: c.train.update(steps=0), "train.steps", "must be positive"),
     (lambda c: c.update(optimizer={"warmup_steps": 500}), "optimizer.warmup_steps",

@@ -93,8 +93,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
   if origin in (typing.Union, types.UnionType):
     if value is None and type(None) in args:
       return None
+    options = [a for a in args if a is not type(None)]
+    if len(options) == 1:  # `X | None`: X's own error, with its own key (`model.moe.top_k`)
+      return _coerce(options[0], value, key)
     errors = []
-    for option in (a for a in args if a is not type(None)):
+    for option in options:
       try:
         return _coerce(option, value, key)
       except ConfigError as e:
