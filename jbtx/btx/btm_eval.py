@@ -14,9 +14,11 @@ batches of the test split. Tasks are decoded greedily from the ensemble's mixtur
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,14 +36,17 @@ from jbtx.config import ExperimentConfig
 from jbtx.data import pipeline
 from jbtx.data.tokenizers import Tokenizer
 from jbtx.models.llama import Llama, abstract_params
+from jbtx.training.loop import log
 from jbtx.training.step import forward
 
 Batch = dict[str, np.ndarray]
 
 
+@functools.lru_cache(maxsize=16)
 def make_target_log_probs(model: Llama, mesh):
   """`(params, batch) -> float32 [batch, seq - 1]`: log p(token t + 1 | tokens ≤ t), 0
-  where the target is not valid (padding, document boundaries); jit-compiled."""
+  where the target is not valid (padding, document boundaries); jit-compiled, one
+  program per (model, mesh)."""
 
   def target_log_probs(params, batch):
     with parallel.sharding_rules(mesh):
@@ -77,7 +82,7 @@ def member_log_probs(config: ExperimentConfig, directories: Sequence[Any],
     model = Llama(model_config)
     params = jax.device_put(checkpoint.load_params_for(directory, model_config),
                             parallel.param_shardings(abstract_params(model), mesh))
-    step = make_target_log_probs(model, mesh)
+    step = make_target_log_probs(model, mesh)  # compiled once for members of one shape
     for domain, domain_batches in batches.items():
       out[domain].append(np.stack([
           np.asarray(step(params, parallel.global_batch(mesh, _local_rows(b))))
@@ -134,6 +139,14 @@ def _host_members(directories: Sequence[Any]) -> tuple[Any, list[Any]]:
   return model_config, [checkpoint.load_params_for(d, model_config) for d in directories]
 
 
+@contextlib.contextmanager
+def _timed(what: str):
+  """Logs `[eval] what (seconds)` when the block ends."""
+  began = time.perf_counter()
+  yield
+  log(f"[eval] {what} ({time.perf_counter() - began:.1f} s)")
+
+
 def _top_k_name(prefix: str, k: int) -> str:
   return f"{prefix} {'all' if k == 0 else f'top-{k}'}"
 
@@ -145,10 +158,11 @@ def btm_rows(config: ExperimentConfig, members: Mapping[str, Any]) -> dict[str, 
   validation = {d: whole_batches(config, d, "validation", config.train.eval_batches)
                 for d in domains}
   held_out = {d: whole_batches(config, d, "test", config.btm.average_batches) for d in domains}
-  log_probs = member_log_probs(config, directories, {**{f"v/{d}": b for d, b in
-                                                        validation.items()},
-                                                     **{f"t/{d}": b for d, b in
-                                                        held_out.items()}})
+  with _timed("btm: each expert's log-probabilities"):
+    log_probs = member_log_probs(config, directories, {**{f"v/{d}": b for d, b in
+                                                          validation.items()},
+                                                       **{f"t/{d}": b for d, b in
+                                                          held_out.items()}})
   valid = {d: log_probs[f"v/{d}"] for d in domains}
   model_config, trees = _host_members(directories)
   model, stacked = Llama(model_config), btm.stack_params(trees)
@@ -158,14 +172,19 @@ def btm_rows(config: ExperimentConfig, members: Mapping[str, Any]) -> dict[str, 
       segments = jnp.asarray(validation[domain][i]["segment_ids"])
       return btm.top_k_weights(btm.running_posterior(jnp.asarray(values), segments,
                                                      config.btm.smoothing), k)
-    rows[_top_k_name("btm", k)] = _row(ensemble_losses(valid, validation, posterior),
-                                       _ensemble_tasks(config, model, stacked, k))
-  rows["btm average"] = evaluate_params(config, model_config,
-                                        btm.average_params(trees, [1.0] * len(trees)))
+    name = _top_k_name("btm", k)
+    with _timed(f"{name}: perplexity"):
+      losses = ensemble_losses(valid, validation, posterior)
+    with _timed(f"{name}: tasks"):
+      rows[name] = _row(losses, _ensemble_tasks(config, model, stacked, k))
+  with _timed("btm average"):
+    rows["btm average"] = evaluate_params(config, model_config,
+                                          btm.average_params(trees, [1.0] * len(trees)))
   weights = {d: mean_posterior(log_probs[f"t/{d}"], held_out[d], config.btm.smoothing)
              for d in domains}
-  averaged = [evaluate_params(config, model_config, btm.average_params(trees, weights[d]),
-                              domains=[d]) for d in domains]
+  with _timed("btm posterior average"):
+    averaged = [evaluate_params(config, model_config, btm.average_params(trees, weights[d]),
+                                domains=[d]) for d in domains]
   rows["btm posterior average"] = {
       "domains": {d: r["domains"][d] for d, r in zip(domains, averaged, strict=True)},
       "tasks": {t: r["tasks"][t] for r in averaged for t in r["tasks"]},

@@ -215,13 +215,16 @@ def run_eval(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None:
                                     compute["btx"]])
   rows = {}
   for name, directory in models.items():
-    log(f"[eval] {name}: {directory}")
+    began = time.perf_counter()
     rows[name] = summarise(evaluate_model(eval_config, directory), compute[name])
+    log(f"[eval] {name}: {directory} ({time.perf_counter() - began:.1f} s)")
     if stop.requested():
       raise Preempted(stages.EVAL)
   if stages.BTM in config.btx.baselines:
-    log(f"[eval] {'c-btm' if config.btm.clusters else 'btm'}: ensembles and averages")
+    began = time.perf_counter()
     rows |= _btm_rows(eval_config, paths)
+    log(f"[eval] {'c-btm' if config.btm.clusters else 'btm'}: ensembles and averages "
+        f"({time.perf_counter() - began:.1f} s)")
   last = [*stages.TRAINED_BASELINES, "btx"]
   order = [n for n in rows if n not in last] + last
   rows = {n: rows[n] for n in order if n in rows}

@@ -53,7 +53,7 @@ def evaluate_params(config: ExperimentConfig, model_config: ModelConfig, params:
   mesh = parallel.make_mesh(config.mesh)
   params = jax.device_put(params, parallel.param_shardings(abstract_params(model), mesh))
   domains = list(config.data.domains) if domains is None else list(domains)
-  eval_step = make_eval_step(model, mesh)
+  eval_step = _eval_step(model_config, mesh)
   losses = {}
   for domain in domains:
     total, count = domain_loss(params, config, mesh, eval_step, domain)
@@ -67,6 +67,13 @@ def evaluate_params(config: ExperimentConfig, model_config: ModelConfig, params:
   return {"domains": {d: {"loss": loss, "perplexity": math.exp(loss)}
                       for d, loss in losses.items()},
           "tasks": tasks}
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_step(model_config: ModelConfig, mesh: Any) -> Any:
+  """One compiled evaluation step per model shape and mesh, shared by every model of
+  that shape the stage evaluates (the seed, the experts, BTM's averages, …)."""
+  return make_eval_step(Llama(model_config), mesh)
 
 
 def score_tasks_of(config: ExperimentConfig, domain: str, generate: Any) -> dict[str, Any]:
