@@ -54,6 +54,10 @@ def test_pipeline_runs_every_stage_and_writes_the_results_table(btx_run):  # noq
     for domain in row["domains"].values():
       assert domain["perplexity"] == pytest.approx(np.exp(domain["loss"]))
   assert "ppl code" in output and "train FLOPs" in output  # the printed table
+  assert "[eval] btx: share of each domain's tokens whose top-1 expert is its own" in output
+  routing = json.loads((btx_run / "eval" / "btx" / "routing.json").read_text())
+  assert set(routing) == {"code", "math", "knowledge", "general"}
+  assert np.asarray(routing["code"]["top1_load"]).shape == (2, 3)  # layers, experts
 
   # Each expert trained on its own domain only, from the seed.
   for name in ("code", "math"):

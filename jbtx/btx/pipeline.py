@@ -38,6 +38,7 @@ from jbtx.btx.workdir import Paths
 from jbtx.config import ConfigError, ExperimentConfig, to_dict
 from jbtx.config.btx import SEED_EXPERT
 from jbtx.data import pipeline as data_pipeline
+from jbtx.eval import routing as routing_analysis
 from jbtx.interop.llama_hf import ConversionError
 from jbtx.models.llama import Llama
 from jbtx.training.guards import StopSignal
@@ -203,6 +204,25 @@ def _btm_rows(config: ExperimentConfig, paths: Paths) -> dict[str, dict[str, Any
   return {name: summarise(row, compute) for name, row in rows.items()}
 
 
+def _analyse_routing(config: ExperimentConfig, paths: Paths, name: str,
+                     directory: pathlib.Path) -> None:
+  """Routing statistics of an MoE row (`jbtx.eval.routing`) on the validation batches,
+  saved in `eval/<name>/`; for BTX, how often each domain's tokens pick its own expert."""
+  model_config = checkpoint.load_config(directory)
+  if model_config.moe is None or model_config.moe.routing == "expert_choice":
+    return
+  params = checkpoint.load_params_for(directory, model_config)
+  statistics = routing_analysis.domain_statistics(Llama(model_config), params, config.data,
+                                                  "validation", config.train.eval_batches)
+  if jax.process_index() == 0:
+    routing_analysis.save_statistics(statistics, paths.stage_dir(stages.EVAL) / name)
+  if name == "btx" and config.btx.ffn == "experts":
+    shares = routing_analysis.own_expert_share(statistics, list(config.btx.expert_names))
+    log("[eval] btx: share of each domain's tokens whose top-1 expert is its own, by layer: "
+        + "; ".join(f"{d} " + " ".join(f"{v:.2f}" for v in share)
+                    for d, share in shares.items()))
+
+
 def run_eval(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None:
   """Evaluates the seed, every expert, the BTX model and the baselines; writes
   results.json (rows in the order seed, experts, BTM, upcycle, dense, llama_moe,
@@ -220,6 +240,8 @@ def run_eval(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None:
     log(f"[eval] {name}: {directory} ({time.perf_counter() - began:.1f} s)")
     if stop.requested():
       raise Preempted(stages.EVAL)
+  for name, directory in models.items():
+    _analyse_routing(eval_config, paths, name, directory)
   if stages.BTM in config.btx.baselines:
     began = time.perf_counter()
     rows |= _btm_rows(eval_config, paths)
