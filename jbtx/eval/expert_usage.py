@@ -50,7 +50,7 @@ def _sown_logits(model: nn.Module, params: Any, tokens: jax.Array, positions: ja
   return collect_router_logits(state["intermediates"])
 
 
-def _require_token_choice(config: MoEConfig | None) -> None:
+def require_token_choice(config: MoEConfig | None) -> None:
   """Raises ValueError unless each token's experts follow from its own router logits."""
   if config is None:
     raise ValueError("expert usage: the model has no MoE layers (config.moe is None)")
@@ -67,28 +67,33 @@ def expert_loads(logits: np.ndarray, config: MoEConfig) -> np.ndarray:
     logits: router logits `[layers, tokens, E]`.
     config: the MoE config whose routing decides (top-k, softmax-then-top-k, ...).
   """
-  _require_token_choice(config)
+  require_token_choice(config)
   n_experts = logits.shape[-1]
   fractions = [routing.assignment_fractions(routing.route(layer, config), n_experts)
                for layer in np.asarray(logits, np.float32)]
   return np.stack([np.asarray(f) for f in fractions])
 
 
-def domain_loads(model: nn.Module, params: Any, data: DataConfig, split: str,
-                 max_batches: int) -> dict[str, np.ndarray]:
-  """Expert loads `[layers, E]` of each domain of `data`, over its first `max_batches`
-  evaluation batches of `split` (as packed for training: `data.batch_size` rows of
-  `data.seq_len` tokens)."""
-  config = model.config.moe
-  _require_token_choice(config)  # before any batch is run
-  loads = {}
+def domain_router_logits(model: nn.Module, params: Any, data: DataConfig, split: str,
+                         max_batches: int) -> dict[str, np.ndarray]:
+  """Router logits `[layers, real tokens, E]` of each domain of `data`, over its first
+  `max_batches` evaluation batches of `split` (as packed for training)."""
+  require_token_choice(model.config.moe)  # before any batch is run
+  out = {}
   for domain in data.domains:
     batches = itertools.islice(pipeline.eval_batches(data, split, domain=domain), max_batches)
     logits = [router_logits(model, params, batch) for batch in batches]
     if not logits:
       raise ValueError(f"domain {domain!r} has no {split} documents")
-    loads[domain] = expert_loads(np.concatenate(logits, axis=1), config)
-  return loads
+    out[domain] = np.concatenate(logits, axis=1)
+  return out
+
+
+def domain_loads(model: nn.Module, params: Any, data: DataConfig, split: str,
+                 max_batches: int) -> dict[str, np.ndarray]:
+  """Expert loads `[layers, E]` of each domain of `data` (`domain_router_logits`)."""
+  logits = domain_router_logits(model, params, data, split, max_batches)
+  return {domain: expert_loads(values, model.config.moe) for domain, values in logits.items()}
 
 
 def kl_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:

@@ -17,7 +17,6 @@ without training-time noise; padding tokens are left out (`expert_usage.router_l
 
 from __future__ import annotations
 
-import itertools
 import json
 import pathlib
 from collections.abc import Mapping
@@ -29,9 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbtx.config import DataConfig, MoEConfig
-from jbtx.data import pipeline
 from jbtx.data.tokenizers import Tokenizer
-from jbtx.eval.expert_usage import _require_token_choice, router_logits
+from jbtx.eval.expert_usage import domain_router_logits, require_token_choice, router_logits
 from jbtx.models import routing
 
 STATISTICS = ("top1_load", "topk_load", "entropy", "confidence", "co_selection")
@@ -54,7 +52,7 @@ def _layer_statistics(logits: jax.Array, config: MoEConfig) -> dict[str, jax.Arr
 
 def routing_statistics(logits: np.ndarray, config: MoEConfig) -> dict[str, np.ndarray]:
   """The statistics above of router `logits [layers, tokens, E]` (float32 numpy)."""
-  _require_token_choice(config)
+  require_token_choice(config)
   layers = [_layer_statistics(jnp.asarray(layer, jnp.float32), config) for layer in logits]
   return {name: np.stack([np.asarray(s[name]) for s in layers]) for name in STATISTICS}
 
@@ -62,16 +60,9 @@ def routing_statistics(logits: np.ndarray, config: MoEConfig) -> dict[str, np.nd
 def domain_statistics(model: nn.Module, params: Any, data: DataConfig, split: str,
                       max_batches: int) -> dict[str, dict[str, np.ndarray]]:
   """`routing_statistics` of each domain's first `max_batches` evaluation batches."""
-  config = model.config.moe
-  _require_token_choice(config)
-  out = {}
-  for domain in data.domains:
-    batches = itertools.islice(pipeline.eval_batches(data, split, domain=domain), max_batches)
-    logits = [router_logits(model, params, batch) for batch in batches]
-    if not logits:
-      raise ValueError(f"domain {domain!r} has no {split} documents")
-    out[domain] = routing_statistics(np.concatenate(logits, axis=1), config)
-  return out
+  logits = domain_router_logits(model, params, data, split, max_batches)
+  return {domain: routing_statistics(values, model.config.moe)
+          for domain, values in logits.items()}
 
 
 def token_experts(model: nn.Module, params: Any, tokenizer: Tokenizer,
@@ -83,7 +74,7 @@ def token_experts(model: nn.Module, params: Any, tokenizer: Tokenizer,
     each token's experts in decreasing order of gate value.
   """
   config = model.config.moe
-  _require_token_choice(config)
+  require_token_choice(config)
   ids = np.asarray(tokenizer.encode(text), np.int32)
   batch = {"tokens": ids[None], "positions": np.arange(len(ids), dtype=np.int32)[None],
            "segment_ids": np.ones((1, len(ids)), np.int32)}
