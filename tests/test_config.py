@@ -165,7 +165,7 @@ def _flat_keys(tree: dict, prefix: str = "") -> set[str]:
      "llama_moe.moe.n_experts", "d_ff = 352 neurons do not split into 6 equal groups"),
     (lambda c: (c.btx.update(baselines=("llama_moe",)), c.llama_moe.update(
         split="sharing_inner", shared_experts=2)), "llama_moe.moe.n_experts",
-     "352 neurons do not split into 10 equal groups (8 experts + llama_moe.shared_experts"),
+     "352 neurons do not split into 10 equal groups (8 experts + 2 shared)"),
     (lambda c: c.llama_moe.moe.update(n_shared_experts=1), "llama_moe.moe.n_shared_experts",
      "is set by the split"),
     (lambda c: c.btx.update(baselines=("olmoe",), seed_checkpoint="/converted"),

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from jbtx.btx import llama_moe, split
-from jbtx.config import MoEConfig
+from jbtx.config import ExperimentConfig, MoEConfig, from_mapping
 from jbtx.models import presets
 from jbtx.models.layers import MLP
 from jbtx.models.llama import Llama, init_params, unstack_layers
 from jbtx.models.moe import MoE
 from jbtx.training.step import next_token_loss
+from tests import btx_short
 
 
 def _counts(partition: split.Partition, d_ff: int) -> np.ndarray:
@@ -150,3 +151,18 @@ def test_importance_is_activation_times_gradient_from_a_direct_jax_grad():
   expected = 2 * np.abs(np.asarray(activations * grads)).sum(axis=(1, 2))  # two batches
   assert got.shape == (config.n_layers, config.d_ff) and expected.max() > 0
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["random", "clustering"])
+def test_the_stage_partitions_every_layer_of_the_seed(method):
+  """`llama_moe.partitions` on the demo seed's shape (2 layers of 352 neurons, 8 experts)."""
+  raw = btx_short.get_config()
+  raw.llama_moe.split = method
+  config = from_mapping(ExperimentConfig, raw)
+  model_config = dataclasses.replace(config.model, scan_layers=False)
+  dense = jax.device_get(init_params(Llama(model_config), jax.random.key(0)))
+  layers = llama_moe.partitions(config, dense)
+  assert len(layers) == 2
+  for partition in layers:
+    assert partition.experts.shape == (8, 44)
+    np.testing.assert_array_equal(_counts(partition, 352), np.ones(352))

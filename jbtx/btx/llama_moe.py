@@ -21,7 +21,7 @@ import numpy as np
 
 from jbtx import checkpoint
 from jbtx.btx import split, stages
-from jbtx.config import ExperimentConfig, ModelConfig
+from jbtx.config import ConfigError, ExperimentConfig, ModelConfig
 from jbtx.data import pipeline as data_pipeline
 from jbtx.models.llama import Llama, stack_layers
 from jbtx.models.moe import MoE
@@ -54,16 +54,15 @@ def partitions(config: ExperimentConfig, dense: dict[str, Any]) -> list[split.Pa
   """
   llama_moe, n_layers = config.llama_moe, config.model.n_layers
   n_experts = llama_moe.moe.n_experts
-  kernels = [{k: np.asarray(dense[f"layers_{i}"]["mlp"][k]["kernel"])
-              for k in ("gate", "up", "down")} for i in range(n_layers)]
   if llama_moe.split == "random":
     return [split.random_partition(config.model.d_ff, n_experts,
                                    np.random.default_rng([config.seed, layer]))
             for layer in range(n_layers)]
   if llama_moe.split == "clustering":
-    return [split.clustering_partition(k["up"], n_experts, seed=config.seed,
+    return [split.clustering_partition(np.asarray(dense[f"layers_{i}"]["mlp"]["up"]["kernel"]),
+                                       n_experts, seed=config.seed,
                                        iterations=llama_moe.clustering_iterations)
-            for k in kernels]
+            for i in range(n_layers)]
   names = domains(config)
   log(f"[{stages.LLAMA_MOE}] neuron importance over {llama_moe.importance_batches} batches "
       f"of each of {', '.join(names)}")
@@ -126,6 +125,6 @@ def reference_losses(seed_dir) -> dict[str, float]:
   try:
     return dict(record["metrics"]["validation"]["domains"])
   except KeyError:
-    raise checkpoint.CheckpointError(
-        f"{seed_dir}: no validation losses recorded, so llama_moe.reweighting 'loss' has no "
-        "reference; set data.domains.<domain>.reference_loss for every domain") from None
+    raise ConfigError("llama_moe.reweighting", f"'loss' needs reference losses, and the seed "
+                      f"{seed_dir} has no validation losses recorded (a converted seed?): set "
+                      "data.domains.<domain>.reference_loss for every domain") from None

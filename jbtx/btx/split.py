@@ -35,12 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbtx.btx.clusters import balanced_assignment, balanced_kmeans
+from jbtx.config.llama_moe import expert_width
 from jbtx.models.layers import MLP
 from jbtx.training.step import next_token_loss
-
-INDEPENDENT = ("random", "clustering")
-SHARING = ("sharing_inner", "sharing_inter")
-METHODS = INDEPENDENT + SHARING
 
 
 class Partition(NamedTuple):
@@ -53,24 +50,6 @@ class Partition(NamedTuple):
 
   experts: np.ndarray
   shared: np.ndarray
-
-
-def expert_width(d_ff: int, n_experts: int, method: str, n_shared: int = 0) -> tuple[int, int]:
-  """`(routed expert width, residual experts' total width)` of a split of `d_ff` neurons.
-
-  Raises ValueError when the neurons do not divide into equal experts.
-  """
-  groups = n_experts + (n_shared if method in SHARING else 0)
-  if method in SHARING and n_shared < 1:
-    raise ValueError(f"{method} shares n_shared ≥ 1 expert widths of neurons, got {n_shared}")
-  if d_ff % groups:
-    raise ValueError(f"{method}: d_ff = {d_ff} neurons do not split into {groups} equal "
-                     f"groups ({n_experts} experts" + (f" + {n_shared} shared)" if
-                                                       method in SHARING else ")"))
-  m = d_ff // groups
-  if method == "sharing_inner":
-    return (n_shared + 1) * m, 0
-  return m, (n_shared * m if method == "sharing_inter" else 0)
 
 
 def random_partition(d_ff: int, n_experts: int, rng: np.random.Generator) -> Partition:

@@ -18,9 +18,9 @@ import dataclasses
 import pathlib
 from typing import Any
 
-from jbtx.btx.split import expert_width
 from jbtx.config import BTXConfig, ExperimentConfig, ModelConfig, StageConfig, to_dict
 from jbtx.config.data import DomainConfig
+from jbtx.config.llama_moe import expert_width
 from jbtx.config.training import profile_window
 from jbtx.training.loop import compute, total_compute
 from jbtx.training.metrics import train_flops_per_token

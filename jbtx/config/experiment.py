@@ -10,7 +10,7 @@ from jbtx.config.btm import BTMConfig
 from jbtx.config.btx import BTXConfig
 from jbtx.config.data import DataConfig
 from jbtx.config.distributed import DistributedConfig
-from jbtx.config.llama_moe import LlamaMoEConfig
+from jbtx.config.llama_moe import LlamaMoEConfig, expert_width
 from jbtx.config.model import ModelConfig
 from jbtx.config.optimizer import OptimizerConfig
 from jbtx.config.parallel import MeshConfig
@@ -81,16 +81,13 @@ def _check_btm(config: ExperimentConfig) -> None:
 
 
 def _check_llama_moe(config: ExperimentConfig) -> None:
-  """The split's widths against the seed's FFN (`jbtx.btx.split.expert_width`)."""
-  llama_moe, d_ff = config.llama_moe, config.model.d_ff
-  n_experts = llama_moe.moe.n_experts
-  groups = n_experts + (llama_moe.shared_experts if llama_moe.split.startswith("sharing")
-                        else 0)
-  _require(d_ff % groups == 0, "llama_moe.moe.n_experts",
-           f"the seed's d_ff = {d_ff} neurons do not split into {groups} equal groups "
-           f"({n_experts} experts" + (f" + llama_moe.shared_experts = "
-                                       f"{llama_moe.shared_experts})" if groups > n_experts
-                                       else ")"))
+  """The split's widths against the seed's FFN (`expert_width`)."""
+  llama_moe = config.llama_moe
+  try:
+    expert_width(config.model.d_ff, llama_moe.moe.n_experts, llama_moe.split,
+                 llama_moe.shared_experts)
+  except ValueError as e:
+    raise ConfigError("llama_moe.moe.n_experts", f"{e}, for the seed's FFN") from None
 
 
 def _check_btx(config: ExperimentConfig) -> None:

@@ -12,6 +12,24 @@ from jbtx.config.model import MoEConfig
 SplitMethod = Literal["random", "clustering", "sharing_inner", "sharing_inter"]
 
 
+def expert_width(d_ff: int, n_experts: int, method: str, n_shared: int = 0) -> tuple[int, int]:
+  """`(routed expert width, residual experts' total width)` of a split of `d_ff` neurons.
+
+  Raises ValueError when the neurons do not divide into equal experts.
+  """
+  groups = n_experts + (n_shared if method.startswith("sharing") else 0)
+  if method.startswith("sharing") and n_shared < 1:
+    raise ValueError(f"{method} shares n_shared ≥ 1 expert widths of neurons, got {n_shared}")
+  if d_ff % groups:
+    raise ValueError(f"{method}: d_ff = {d_ff} neurons do not split into {groups} equal "
+                     f"groups ({n_experts} experts" + (f" + {n_shared} shared)" if
+                                                       method.startswith("sharing") else ")"))
+  m = d_ff // groups
+  if method == "sharing_inner":
+    return (n_shared + 1) * m, 0
+  return m, (n_shared * m if method == "sharing_inter" else 0)
+
+
 def _llama_moe_layer() -> MoEConfig:
   return MoEConfig(n_experts=8, top_k=2, routing="topk", router="noisy_mlp",
                    load_balance="cv", load_balance_coef=0.01)
