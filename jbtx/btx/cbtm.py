@@ -20,6 +20,7 @@ import pathlib
 
 import numpy as np
 
+from jbtx import files
 from jbtx.btx import stages
 from jbtx.btx.clusters import balanced_assignment, fit_clusters
 from jbtx.config import ExperimentConfig
@@ -45,11 +46,8 @@ def corpus(config: ExperimentConfig, split: str, sample: int | None) -> list[str
 
 
 def _write_jsonl(path: pathlib.Path, texts: list[str]) -> None:
-  tmp = path.with_suffix(".tmp")
-  with tmp.open("w", encoding="utf-8") as f:
-    for text in texts:
-      f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-  tmp.rename(path)
+  files.write_text(path, "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n"
+                                  for text in texts))
 
 
 def _groups(texts: list[str], assignment: np.ndarray, k: int) -> list[list[str]]:
@@ -79,8 +77,6 @@ def write_clusters(config: ExperimentConfig, out: pathlib.Path) -> None:
   summary = {"documents": [len(g) for g in groups],
              "validation_documents": np.bincount(held_out, minlength=k).tolist(),
              "characters": [sum(map(len, g)) for g in groups]}
-  tmp = out / f"{SUMMARY_FILE}.tmp"
-  tmp.write_text(json.dumps(summary, indent=1) + "\n")
-  tmp.rename(out / SUMMARY_FILE)
+  files.write_json(out / SUMMARY_FILE, summary, indent=1)
   log(f"[clusters] documents per cluster {summary['documents']}, characters "
       f"{summary['characters']}")

@@ -25,6 +25,8 @@ import scipy.sparse
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 from sklearn.preprocessing import normalize
 
+from jbtx import files
+
 CONFIG_FILE, ARRAYS_FILE = "clusters.json", "centroids.npz"
 FORMAT = "jbtx.btx.clusters/1"
 SETTINGS = {"sublinear_tf": True, "norm": "l2", "lowercase": True}  # what `features` computes
@@ -61,8 +63,8 @@ class TfidfClusters:
     config = {"format": FORMAT, "settings": SETTINGS, "clusters": len(self.centroids),
               "features": len(self.vocabulary), "vocabulary": self.vocabulary}
     arrays = {"idf": np.asarray(self.idf), "centroids": np.asarray(self.centroids)}
-    _write_atomically(directory / ARRAYS_FILE, lambda f: np.savez(f, **arrays))
-    _write_atomically(directory / CONFIG_FILE, lambda f: f.write(json.dumps(config).encode()))
+    files.write_atomically(directory / ARRAYS_FILE, lambda f: np.savez(f, **arrays))
+    files.write_json(directory / CONFIG_FILE, config, indent=None)
 
   @classmethod
   def load(cls, directory: str | os.PathLike) -> TfidfClusters:
@@ -91,20 +93,6 @@ class TfidfClusters:
                        f"match {config_path} ({config.get('clusters')} clusters, "
                        f"{features} terms)")
     return cls(vocabulary, idf, centroids)
-
-
-def _write_atomically(path: pathlib.Path, write) -> None:
-  """`write(file)` into a temporary file beside `path`, then renames it to `path`."""
-  temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
-    with open(temporary, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(temporary, path)
-  except BaseException:
-    temporary.unlink(missing_ok=True)
-    raise
 
 
 def fit_clusters(texts: Sequence[str], n_clusters: int, *, max_features: int = 4096,

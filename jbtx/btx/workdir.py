@@ -14,7 +14,7 @@ import pathlib
 
 import jax
 
-from jbtx import checkpoint
+from jbtx import checkpoint, files
 from jbtx.btx import stages
 from jbtx.btx.cbtm import SUMMARY_FILE
 from jbtx.config import ConfigError, ExperimentConfig
@@ -101,9 +101,7 @@ def record_identity(config: ExperimentConfig, paths: Paths, stage: str) -> None:
     return
   path = stage_file(paths, stage)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(stages.stage_identity(config, stage), indent=1, default=str))
-  tmp.rename(path)
+  files.write_json(path, stages.stage_identity(config, stage), indent=1)
 
 
 def evaluate_again(config: ExperimentConfig, paths: Paths) -> None:
