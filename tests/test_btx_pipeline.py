@@ -58,6 +58,9 @@ def test_pipeline_runs_every_stage_and_writes_the_results_table(btx_run):  # noq
   routing = json.loads((btx_run / "eval" / "btx" / "routing.json").read_text())
   assert set(routing) == {"code", "math", "knowledge", "general"}
   assert np.asarray(routing["code"]["top1_load"]).shape == (2, 3)  # layers, experts
+  for plot in ("layer_loads", "domain_experts", "tokens"):  # PNGs, not empty
+    assert (btx_run / "eval" / "btx" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (btx_run / "eval" / "btx" / f"{plot}.png").stat().st_size > 5000
 
   # Each expert trained on its own domain only, from the seed.
   for name in ("code", "math"):

@@ -73,7 +73,7 @@ def test_saved_statistics_read_back(tmp_path):
   np.testing.assert_allclose(loaded["code"]["topk_load"], stats["code"]["topk_load"])
   with np.load(tmp_path / "routing.npz") as arrays:
     np.testing.assert_array_equal(arrays["code/co_selection"], stats["code"]["co_selection"])
-  assert not list(tmp_path.glob("*.tmp"))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["routing.json", "routing.npz"]
 
 
 def test_expert_choice_routing_is_refused():

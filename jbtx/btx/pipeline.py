@@ -28,21 +28,18 @@ import jax
 import numpy as np
 
 from jbtx import checkpoint, convert
-from jbtx.btx import btm_eval, cbtm, llama_moe, mix, router_init, stages
+from jbtx.btx import cbtm, eval_stage, llama_moe, mix, router_init, stages
 from jbtx.btx import workdir as workdir_lib
-from jbtx.btx.clusters import TfidfClusters
-from jbtx.btx.results import evaluate_model, summarise, table
 from jbtx.btx.sources import CheckpointSource
 from jbtx.btx.upcycle import upcycle_params
 from jbtx.btx.workdir import Paths
 from jbtx.config import ConfigError, ExperimentConfig, to_dict
 from jbtx.config.btx import SEED_EXPERT
 from jbtx.data import pipeline as data_pipeline
-from jbtx.eval import routing as routing_analysis
 from jbtx.interop.llama_hf import ConversionError
 from jbtx.models.llama import Llama
 from jbtx.training.guards import StopSignal
-from jbtx.training.loop import Preempted, log, sync_processes, total_compute, train_stage
+from jbtx.training.loop import Preempted, log, sync_processes, train_stage
 
 _SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
                "rope_theta", "norm_eps", "qk_norm", "moe")
@@ -174,96 +171,6 @@ def run_cluster(config: ExperimentConfig, paths: Paths, stop: StopSignal, index:
               initial_params=_seed_params(config, paths))
 
 
-def _stage_compute(directory: pathlib.Path) -> dict[str, float]:
-  metrics = checkpoint.read_record(directory).get("metrics", {})
-  return metrics.get("compute", {"tokens": 0, "flops": 0.0})
-
-
-def _evaluated(config: ExperimentConfig, paths: Paths) -> dict[str, pathlib.Path]:
-  """The checkpoints evaluated, by row name: the seed, the experts, BTX, the baselines."""
-  models = {SEED_EXPERT: paths.model_dir(SEED_EXPERT)} if stages.uses_seed(config) else {}
-  if stages.uses_domain_experts(config):
-    models |= {name: paths.model_dir(name) for name in config.btx.experts}
-  if config.btx.train_btx:
-    models["btx"] = paths.stage_dir(stages.FINETUNE)
-  return models | {name: paths.stage_dir(name) for name in config.btx.baselines
-                   if name != stages.BTM}
-
-
-def _btm_rows(config: ExperimentConfig, paths: Paths) -> dict[str, dict[str, Any]]:
-  """The BTM (or c-BTM) rows, each with its members' training compute."""
-  if config.btm.clusters:
-    members = [paths.stage_dir(stages.cluster_stage(i)) for i in range(config.btm.clusters)]
-    clusters = TfidfClusters.load(paths.stage_dir(stages.CLUSTERS))
-    rows = btm_eval.cbtm_rows(config, members, clusters)
-    compute = total_compute([_stage_compute(d) for d in members])
-  else:
-    names = config.btx.expert_names
-    rows = btm_eval.btm_rows(config, {n: paths.model_dir(n) for n in names})
-    compute = total_compute([_stage_compute(paths.model_dir(n)) for n in config.btx.experts])
-  return {name: summarise(row, compute) for name, row in rows.items()}
-
-
-def _analyse_routing(config: ExperimentConfig, paths: Paths, name: str,
-                     directory: pathlib.Path) -> None:
-  """Routing statistics of an MoE row (`jbtx.eval.routing`) on the validation batches,
-  saved in `eval/<name>/`; for BTX, how often each domain's tokens pick its own expert."""
-  model_config = checkpoint.load_config(directory)
-  if model_config.moe is None or model_config.moe.routing == "expert_choice":
-    return
-  params = checkpoint.load_params_for(directory, model_config)
-  statistics = routing_analysis.domain_statistics(Llama(model_config), params, config.data,
-                                                  "validation", config.train.eval_batches)
-  if jax.process_index() == 0:
-    routing_analysis.save_statistics(statistics, paths.stage_dir(stages.EVAL) / name)
-  if name == "btx" and config.btx.ffn == "experts":
-    shares = routing_analysis.own_expert_share(statistics, list(config.btx.expert_names))
-    log("[eval] btx: share of each domain's tokens whose top-1 expert is its own, by layer: "
-        + "; ".join(f"{d} " + " ".join(f"{v:.2f}" for v in share)
-                    for d, share in shares.items()))
-
-
-def run_eval(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None:
-  """Evaluates the seed, every expert, the BTX model and the baselines; writes
-  results.json (rows in the order seed, experts, BTM, upcycle, dense, llama_moe,
-  olmoe, BTX)."""
-  eval_config = stages.eval_config(config)
-  models = _evaluated(config, paths)
-  compute = {name: _stage_compute(d) for name, d in models.items()}
-  if "btx" in models:
-    compute["btx"] = total_compute([*(compute[n] for n in config.btx.experts),
-                                    compute["btx"]])
-  rows = {}
-  for name, directory in models.items():
-    began = time.perf_counter()
-    rows[name] = summarise(evaluate_model(eval_config, directory), compute[name])
-    log(f"[eval] {name}: {directory} ({time.perf_counter() - began:.1f} s)")
-    if stop.requested():
-      raise Preempted(stages.EVAL)
-  for name, directory in models.items():
-    _analyse_routing(eval_config, paths, name, directory)
-  if stages.BTM in config.btx.baselines:
-    began = time.perf_counter()
-    rows |= _btm_rows(eval_config, paths)
-    log(f"[eval] {'c-btm' if config.btm.clusters else 'btm'}: ensembles and averages "
-        f"({time.perf_counter() - began:.1f} s)")
-  last = [*stages.TRAINED_BASELINES, "btx"]
-  order = [n for n in rows if n not in last] + last
-  rows = {n: rows[n] for n in order if n in rows}
-  if jax.process_index() == 0:
-    results = {"rows": rows, "notes": {
-        "compute": "training FLOPs of the row's own stages (6·active params·tokens plus "
-                   "attention); btx = its experts' training plus the finetune; btm = its "
-                   "experts' training (no finetune); upcycle, dense, llama_moe and c-btm's "
-                   "cluster experts are trained for as many FLOPs as btx, olmoe (from "
-                   "scratch) for btx's plus the seed's; the seed's row is the seed's "
-                   "training, shared by every row but olmoe"}}
-    tmp = paths.workdir / f"{workdir_lib.RESULTS_FILE}.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.rename(paths.workdir / workdir_lib.RESULTS_FILE)
-  log(table(rows))
-
-
 def run_export(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None:
   """Writes the BTX model as a Hugging Face Mixtral folder, or says why it cannot."""
   del stop
@@ -289,7 +196,8 @@ def run_export(config: ExperimentConfig, paths: Paths, stop: StopSignal) -> None
 
 
 RUNNERS = {stages.SEED: run_seed, stages.MIX: run_mix, stages.FINETUNE: run_finetune,
-           stages.EVAL: run_eval, stages.EXPORT: run_export, stages.CLUSTERS: run_clusters,
+           stages.EVAL: eval_stage.run_eval, stages.EXPORT: run_export,
+           stages.CLUSTERS: run_clusters,
            **{name: lambda *args, name=name: run_baseline(*args, name)
               for name in stages.TRAINED_BASELINES}}
 

@@ -4,7 +4,9 @@ For each model (the seed, each expert, the final BTX model): validation loss and
 perplexity per domain (`train.eval_batches` batches each, as training reports them),
 exact-match accuracy on the demo tasks of the domains that have them (math,
 knowledge; greedy decoding with the KV cache, `btx.task_examples` validation items),
-and the training compute behind it. Written to `workdir/results.json`.
+the task files of `eval.tasks` (exact match or loglikelihood multiple choice,
+`jbtx.eval.task_files`), and the training compute behind it. Written to
+`workdir/results.json`.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import jax
 import numpy as np
 
 from jbtx import checkpoint, parallel
-from jbtx.config import ExperimentConfig, ModelConfig
+from jbtx.config import ConfigError, ExperimentConfig, ModelConfig
 from jbtx.data import demo, pipeline
 from jbtx.eval.generate import generate_ragged
+from jbtx.eval.likelihood import Score, make_scorer, multiple_choice
+from jbtx.eval.task_files import TaskFile, TaskFileError, load_task_file
 from jbtx.eval.tasks import score_tasks
 from jbtx.models.llama import Llama, abstract_params
 from jbtx.training.evaluation import domain_loss, host_params
@@ -47,23 +51,29 @@ def evaluate_model(config: ExperimentConfig, directory: Any) -> dict[str, Any]:
 
 def evaluate_params(config: ExperimentConfig, model_config: ModelConfig, params: Any,
                     domains: Sequence[str] | None = None) -> dict[str, Any]:
-  """Loss/perplexity on `domains` (None = all) and accuracy on their tasks, of `params`
-  (a host tree), sharded over `config.mesh` as training shards them."""
+  """Loss/perplexity on `domains` (None = all) and accuracy on their demo tasks, of
+  `params` (a host tree), sharded over `config.mesh` as training shards them; with all
+  domains, also the tasks of `eval.tasks`."""
   model = Llama(model_config)
   mesh = parallel.make_mesh(config.mesh)
   params = jax.device_put(params, parallel.param_shardings(abstract_params(model), mesh))
-  domains = list(config.data.domains) if domains is None else list(domains)
+  every_domain = domains is None
+  domains = list(config.data.domains) if every_domain else list(domains)
   eval_step = _eval_step(model_config, mesh)
   losses = {}
   for domain in domains:
     total, count = domain_loss(params, config, mesh, eval_step, domain)
     losses[domain] = total / count
   tasks = {}
+  generate = None
+  if config.btx.task_examples or config.eval.tasks:
+    generate = functools.partial(generate_ragged, model, host_params(params))
   if config.btx.task_examples:
-    local = host_params(params)
     for domain in [d for d in task_domains(config) if d in domains]:
-      tasks[domain] = score_tasks_of(config, domain,
-                                     functools.partial(generate_ragged, model, local))
+      tasks[domain] = score_tasks_of(config, domain, generate)
+  if config.eval.tasks and every_domain:
+    tasks |= score_task_files(config, generate, make_scorer(model, params, mesh),
+                              model_config.max_seq_len)
   return {"domains": {d: {"loss": loss, "perplexity": math.exp(loss)}
                       for d, loss in losses.items()},
           "tasks": tasks}
@@ -83,6 +93,44 @@ def score_tasks_of(config: ExperimentConfig, domain: str, generate: Any) -> dict
   return score_tasks(generate, pipeline.make_tokenizer(config.data), items,
                      config.btx.task_max_tokens[spec_name(config, domain)],
                      batch_size=len(items))
+
+
+def task_files(config: ExperimentConfig) -> list[TaskFile]:
+  """The tasks of `eval.tasks`, read and checked (ConfigError naming the key)."""
+  tasks = []
+  for path in config.eval.tasks:
+    try:
+      task = load_task_file(path, config.eval.max_examples)
+    except TaskFileError as e:
+      raise ConfigError("eval.tasks", str(e)) from None
+    if task.name in task_domains(config):
+      raise ConfigError("eval.tasks", f"{path} would be named {task.name!r}, the name of "
+                        "a built-in demo task; rename the file")
+    tasks.append(task)
+  return tasks
+
+
+def batch_rows(config: ExperimentConfig, mesh: Any) -> int:
+  """`eval.batch_size` rounded up to split over the mesh's batch shards."""
+  shards = parallel.batch_shards(mesh)
+  return -(-config.eval.batch_size // shards) * shards
+
+
+def score_task_files(config: ExperimentConfig, generate: Any, score: Score,
+                     max_len: int) -> dict[str, Any]:
+  """Task name -> result of each task of `eval.tasks`: exact match with `generate`
+  (as `score_tasks` takes it), multiple choice with `score`."""
+  tokenizer = pipeline.make_tokenizer(config.data)
+  mesh = parallel.make_mesh(config.mesh)
+  results = {}
+  for task in task_files(config):
+    if task.kind == "exact_match":
+      results[task.name] = score_tasks(generate, tokenizer, task.items,
+                                       config.eval.max_new_tokens, config.eval.batch_size)
+    else:
+      results[task.name] = multiple_choice(score, tokenizer, task.items,
+                                           batch_rows(config, mesh), max_len)
+  return results
 
 
 def summarise(row: dict[str, Any], compute: Mapping[str, float]) -> dict[str, Any]:

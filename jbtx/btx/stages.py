@@ -254,7 +254,7 @@ def _plain(value: Any) -> Any:
 def _training_identity(config: ExperimentConfig) -> dict[str, Any]:
   """A derived training stage's settings (the method groups, which the training engine
   does not read, left out: a stage that depends on one adds it)."""
-  return {k: v for k, v in to_dict(config).items() if k not in ("btx", "btm", "llama_moe")}
+  return {k: v for k, v in to_dict(config).items() if k not in ("btx", "btm", "llama_moe", "eval")}
 
 
 def stage_identity(config: ExperimentConfig, stage: str) -> dict[str, Any]:
@@ -290,7 +290,7 @@ def stage_identity(config: ExperimentConfig, stage: str) -> dict[str, Any]:
             if name not in (EVAL, EXPORT)}
     tree |= {"btx": {"task_examples": btx.task_examples, "task_max_tokens": btx.task_max_tokens,
                      "baselines": list(btx.baselines), "train_btx": btx.train_btx},
-             "train.eval_batches": config.train.eval_batches}
+             "train.eval_batches": config.train.eval_batches, "eval": to_dict(config.eval)}
     if BTM in btx.baselines:
       tree["btm"] = to_dict(config.btm)
   return {k: v for k, v in _flatten(tree).items() if not _run_only(k)}

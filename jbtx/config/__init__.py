@@ -10,6 +10,7 @@ from jbtx.config.base import ConfigError, from_mapping, to_config_dict, to_dict
 from jbtx.config.btm import BTMConfig
 from jbtx.config.btx import BTXConfig, StageConfig
 from jbtx.config.data import DataConfig
+from jbtx.config.evaluation import EvalConfig
 from jbtx.config.experiment import BYTE_VOCAB_SIZE, ExperimentConfig
 from jbtx.config.llama_moe import LlamaMoEConfig
 from jbtx.config.model import ModelConfig, MoEConfig
@@ -24,6 +25,7 @@ __all__ = [
     "BTXConfig",
     "ConfigError",
     "DataConfig",
+    "EvalConfig",
     "ExperimentConfig",
     "LlamaMoEConfig",
     "MeshConfig",

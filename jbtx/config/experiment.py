@@ -10,6 +10,7 @@ from jbtx.config.btm import BTMConfig
 from jbtx.config.btx import BTXConfig
 from jbtx.config.data import DataConfig
 from jbtx.config.distributed import DistributedConfig
+from jbtx.config.evaluation import EvalConfig
 from jbtx.config.llama_moe import LlamaMoEConfig, expert_width
 from jbtx.config.model import ModelConfig
 from jbtx.config.optimizer import OptimizerConfig
@@ -33,6 +34,7 @@ class ExperimentConfig:
   btx: BTXConfig = dataclasses.field(default_factory=BTXConfig)
   btm: BTMConfig = dataclasses.field(default_factory=BTMConfig)
   llama_moe: LlamaMoEConfig = dataclasses.field(default_factory=LlamaMoEConfig)
+  eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
   profile_steps: str = ""  # "FIRST,LAST": trace these steps (jbtx.training.profiling)
   dump_hlo: bool = False  # write the train step's HLO under <stage>/hlo/
   reuse_host_memory: bool = True  # glibc keeps freed blocks for reuse (jbtx.host_memory)

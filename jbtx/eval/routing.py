@@ -17,7 +17,6 @@ without training-time noise; padding tokens are left out (`expert_usage.router_l
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -27,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jbtx import files
 from jbtx.config import DataConfig, MoEConfig
 from jbtx.data.tokenizers import Tokenizer
 from jbtx.eval.expert_usage import domain_router_logits, require_token_choice, router_logits
@@ -95,13 +95,9 @@ def save_statistics(statistics: Mapping[str, Mapping[str, np.ndarray]],
   directory.mkdir(parents=True, exist_ok=True)
   as_lists = {d: {k: np.asarray(v).tolist() for k, v in s.items()}
               for d, s in statistics.items()}
-  tmp = directory / "routing.json.tmp"
-  tmp.write_text(json.dumps(as_lists) + "\n")
-  tmp.rename(directory / "routing.json")
+  files.write_json(directory / "routing.json", as_lists, indent=None)
   arrays = {f"{d}/{k}": np.asarray(v) for d, s in statistics.items() for k, v in s.items()}
-  with open(directory / "routing.npz.tmp", "wb") as f:
-    np.savez(f, **arrays)
-  (directory / "routing.npz.tmp").rename(directory / "routing.npz")
+  files.write_atomically(directory / "routing.npz", lambda f: np.savez(f, **arrays))
 
 
 def own_expert_share(statistics: Mapping[str, Mapping[str, np.ndarray]],

@@ -79,7 +79,7 @@ def _continuation(tokenizer: Tokenizer, ids: np.ndarray) -> str:
   return tokenizer.decode(ids[:stops[0]] if stops.size else ids)
 
 
-def _is_correct(task: Mapping[str, str], continuation: str) -> bool:
+def is_correct(task: Mapping[str, str], continuation: str) -> bool:
   """Whether the answer in `continuation` matches the task's, after normalisation."""
   predicted = extract_answer(continuation, task["prompt"])
   return normalize_answer(predicted) == normalize_answer(task["answer"])
@@ -94,16 +94,35 @@ def exact_match(model: nn.Module, params: Any, tokenizer: Tokenizer,
                      max_new_tokens, batch_size)
 
 
-def score_tasks(generate: Generate, tokenizer: Tokenizer, tasks: Sequence[Mapping[str, str]],
-                max_new_tokens: int, batch_size: int) -> dict:
-  """Exact-match accuracy of the continuations `generate` makes of `tasks`' prompts.
+def generate_continuations(generate: Generate, tokenizer: Tokenizer, prompts: Sequence[str],
+                           max_new_tokens: int, batch_size: int) -> list[str]:
+  """Each prompt's greedy continuation as text, cut at the first EOS.
 
-  Prompts run in batches of `batch_size` (the last one filled up with copies, so all
-  batches share a shape).
+  Each prompt is encoded with BOS; prompts run in batches of `batch_size` (the last one
+  filled up with copies, so all batches share a shape).
 
   Args:
     generate: `(tokens [batch, len], lengths [batch], max_new_tokens, eos_id) -> ids
       [batch, max_new_tokens]`, e.g. `generate_ragged` with its model and parameters.
+  """
+  batch_size = min(batch_size, len(prompts))
+  starts = range(0, len(prompts), batch_size)
+  outputs: list[str] = []
+  for start in tqdm.tqdm(starts, desc="generate", unit="batch",
+                         disable=None if len(starts) > 1 else True):
+    batch = list(prompts[start:start + batch_size])
+    batch += [batch[-1]] * (batch_size - len(batch))
+    tokens, lengths = _batch_prompts(tokenizer, batch)
+    generated = generate(jnp.asarray(tokens), jnp.asarray(lengths), max_new_tokens,
+                         eos_id=int(tokenizer.eos_id))
+    outputs += [_continuation(tokenizer, ids) for ids in np.asarray(generated)]
+  return outputs[:len(prompts)]
+
+
+def score_tasks(generate: Generate, tokenizer: Tokenizer, tasks: Sequence[Mapping[str, str]],
+                max_new_tokens: int, batch_size: int) -> dict:
+  """Exact-match accuracy of the continuations `generate` makes of `tasks`' prompts
+  (`generate_continuations`).
 
   Returns:
     `{"accuracy", "correct", "n", "examples"}`; examples are the first three tasks
@@ -111,19 +130,9 @@ def score_tasks(generate: Generate, tokenizer: Tokenizer, tasks: Sequence[Mappin
   """
   if not tasks:
     raise ValueError("exact_match needs at least one task")
-  batch_size = min(batch_size, len(tasks))
-  starts = range(0, len(tasks), batch_size)
-  outputs: list[str] = []
-  for start in tqdm.tqdm(starts, desc="exact match", unit="batch",
-                         disable=None if len(starts) > 1 else True):
-    batch = list(tasks[start:start + batch_size])
-    batch += [batch[-1]] * (batch_size - len(batch))
-    tokens, lengths = _batch_prompts(tokenizer, [t["prompt"] for t in batch])
-    generated = generate(jnp.asarray(tokens), jnp.asarray(lengths), max_new_tokens,
-                         eos_id=int(tokenizer.eos_id))
-    outputs += [_continuation(tokenizer, ids) for ids in np.asarray(generated)]
-  outputs = outputs[:len(tasks)]
-  correct = sum(_is_correct(task, out) for task, out in zip(tasks, outputs, strict=True))
+  outputs = generate_continuations(generate, tokenizer, [t["prompt"] for t in tasks],
+                                   max_new_tokens, batch_size)
+  correct = sum(is_correct(task, out) for task, out in zip(tasks, outputs, strict=True))
   examples = [{"prompt": t["prompt"], "answer": t["answer"], "output": out}
               for t, out in zip(tasks[:3], outputs[:3], strict=True)]
   return {"accuracy": correct / len(tasks), "correct": correct, "n": len(tasks),
