@@ -170,3 +170,35 @@ def test_cbtm_context_weights_are_distributions_from_the_text_before_each_chunk(
   np.testing.assert_allclose(weights[0, :8], 0.5)  # no context yet
   alpha = clusters.nearest(["alpha beta gamma"])[0]
   assert np.all(weights[0, 8:len(document) - 1, alpha] > 0.9)
+
+
+def _member_scores(model, params, tokens, segments):
+  logits = model.apply({"params": params}, tokens, segment_ids=segments)[:, :-1]
+  log_probs = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
+  return log_probs
+
+
+def test_ensemble_scores_mix_each_experts_distribution_under_the_posterior():
+  model, trees = _experts(2)
+  rng = np.random.default_rng(4)
+  tokens = rng.integers(3, model.config.vocab_size, (2, 12)).astype(np.int32)
+  segments = np.ones_like(tokens)
+  segments[1, 9:] = 0  # a shorter row
+  members = [_member_scores(model, t, tokens, segments) for t in trees]
+  targets = tokens[:, 1:]
+  picked = np.stack([np.take_along_axis(m, targets[..., None], -1)[..., 0] for m in members])
+  picked = np.where(btm.valid_targets(segments)[None], picked, 0.0)
+  chosen, greedy = btm.ensemble_target_scores(model, btm.stack_params(trees), tokens, segments)
+  for t in range(5):  # Bayes' rule over the targets before t, then the mixture
+    weights = np.exp(picked[:, :, :t].sum(-1)) / np.exp(picked[:, :, :t].sum(-1)).sum(0)
+    mixture = np.log(sum(w[:, None] * np.exp(m[:, t]) for w, m in zip(weights, members,
+                                                                        strict=True)))
+    np.testing.assert_allclose(chosen[:, t], mixture[np.arange(2), targets[:, t]], rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_array_equal(greedy[:, t], np.argmax(mixture, -1) == targets[:, t])
+  # Copies of one expert: its own scores, whatever the posterior.
+  copies = btm.stack_params([trees[0]] * 3)
+  chosen, _ = btm.ensemble_target_scores(model, copies, tokens, segments, top_k=1,
+                                         smoothing=0.01)
+  valid = btm.valid_targets(segments)
+  np.testing.assert_allclose(np.where(valid, chosen, 0), picked[0], rtol=1e-5, atol=1e-5)

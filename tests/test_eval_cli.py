@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jbtx
-from jbtx.btx import eval_stage
+from jbtx.btx import btm_eval, eval_stage
 from jbtx.config import ConfigError, EvalConfig, ExperimentConfig, from_mapping
 from jbtx.data import pipeline
 from jbtx.eval import likelihood
@@ -127,3 +127,18 @@ def test_bad_stages_and_workdirs_are_named(btx_run, tmp_path):  # noqa: F811
     evaluate(_config(btx_run, tasks=(str(bad),)), btx_run, "seed", tmp_path / "x.json")
   assert not (tmp_path / "x.json").exists()
   assert eval_stage.row_of(config, "expert/code") == "code"
+
+
+def test_btm_ensembles_score_task_files_and_cbtm_skips_multiple_choice(btx_run, tmp_path):  # noqa: F811
+  sums, choices = _task_files(_config(btx_run), tmp_path)
+  config = _config(btx_run, tasks=(str(sums), str(choices)), max_new_tokens=8)
+  config = dataclasses.replace(config, btx=dataclasses.replace(config.btx, task_examples=0))
+  model_config, trees = btm_eval._host_members([btx_run / "expert" / d for d in ("code",
+                                                                                "math")])
+  model, stacked = btm_eval.Llama(model_config), btm_eval.btm.stack_params(trees)
+  tasks = btm_eval._ensemble_tasks(config, model, stacked, top_k=1)
+  assert set(tasks) == {"sums", "capitals"}
+  assert tasks["sums"]["n"] == 3 and tasks["capitals"]["n"] == 4
+  assert np.all(np.isfinite(tasks["capitals"]["log_likelihoods"]))
+  uniform = lambda texts: np.full((len(texts), 2), 0.5)
+  assert set(btm_eval._ensemble_tasks(config, model, stacked, 1, uniform)) == {"sums"}

@@ -154,3 +154,38 @@ def generate_ensemble(model: nn.Module, params: Any, prompts: jax.Array, lengths
   _, predicted = jax.lax.scan(step, carry, xs)
   index = lengths[:, None] - 1 + jnp.arange(max_new_tokens)
   return jnp.take_along_axis(predicted.T, index, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "top_k", "smoothing"))
+def ensemble_target_scores(model: nn.Module, params: Any, tokens: jax.Array,
+                           segment_ids: jax.Array, top_k: int = 0,
+                           smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """The ensemble's log-probability of each target and whether it is the mixture's argmax,
+  under the running posterior of each row's document (one document per row here).
+
+  Every expert's full next-token distribution is kept (`[N, batch, seq - 1, vocab]`
+  floats), which suits evaluation batches of small models; the perplexity rows use
+  `running_posterior` on the targets alone.
+
+  Args:
+    params: the N experts' parameters stacked (`stack_params`).
+    tokens, segment_ids: int `[batch, seq]` (segment 0 = padding).
+
+  Returns:
+    float32 `[batch, seq - 1]` and bool `[batch, seq - 1]`.
+  """
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+  def member(expert_params):
+    logits = model.apply({"params": expert_params}, tokens, positions=positions,
+                         segment_ids=segment_ids)[:, :-1]
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+  log_probs = jax.lax.map(member, params)  # [N, batch, seq - 1, vocab]
+  targets = tokens[:, 1:]
+  picked = jnp.take_along_axis(log_probs, targets[None, ..., None], axis=-1)[..., 0]
+  picked = jnp.where(valid_targets(segment_ids)[None], picked, 0.0)
+  weights = top_k_weights(running_posterior(picked, segment_ids, smoothing), top_k)
+  mixed = ensemble_log_probs(log_probs, weights[:, :, None, :])  # [batch, seq - 1, vocab]
+  chosen = jnp.take_along_axis(mixed, targets[..., None], axis=-1)[..., 0]
+  return chosen, jnp.argmax(mixed, axis=-1) == targets

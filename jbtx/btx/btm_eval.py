@@ -31,7 +31,13 @@ from jax.sharding import PartitionSpec as P
 from jbtx import checkpoint, parallel
 from jbtx.btx import btm
 from jbtx.btx.clusters import TfidfClusters, cluster_weights
-from jbtx.btx.results import evaluate_params, score_tasks_of, task_domains
+from jbtx.btx.results import (
+    evaluate_params,
+    score_task_files,
+    score_tasks_of,
+    task_domains,
+    task_files,
+)
 from jbtx.config import ExperimentConfig
 from jbtx.data import pipeline
 from jbtx.data.tokenizers import Tokenizer
@@ -115,23 +121,38 @@ def ensemble_losses(log_probs: Mapping[str, np.ndarray], batches: Mapping[str, S
 def _ensemble_tasks(config: ExperimentConfig, model: Llama, stacked: Any, top_k: int,
                     prompt_weights: Any = None) -> dict[str, Any]:
   """Task accuracy of the ensemble; `prompt_weights(prompts) -> [batch, N]` fixes the
-  weights from the prompts (c-BTM), None = the running posterior (BTM)."""
-  if not config.btx.task_examples:
-    return {}
+  weights from the prompts (c-BTM), None = the running posterior (BTM).
+
+  Multiple-choice task files are scored under the running posterior (BTM only: c-BTM's
+  weights would come from a prompt that the scored sequence runs past)."""
   tokenizer = pipeline.make_tokenizer(config.data)
+
+  def generate(tokens, lengths, max_new_tokens, eos_id):
+    weights = None
+    if prompt_weights is not None:
+      texts = [tokenizer.decode(row[:n]) for row, n in zip(np.asarray(tokens),
+                                                           np.asarray(lengths), strict=True)]
+      weights = jnp.asarray(prompt_weights(texts))
+    return btm.generate_ensemble(model, stacked, tokens, lengths, max_new_tokens,
+                                 top_k=top_k, smoothing=config.btm.smoothing,
+                                 weights=weights, eos_id=eos_id)
+
+  def score(tokens, lengths):
+    segments = (np.arange(tokens.shape[1]) < lengths[:, None]).astype(np.int32)
+    chosen, greedy = btm.ensemble_target_scores(model, stacked, jnp.asarray(tokens),
+                                                jnp.asarray(segments), top_k=top_k,
+                                                smoothing=config.btm.smoothing)
+    return np.asarray(chosen), np.asarray(greedy)
+
   tasks = {}
-  for domain in task_domains(config):
-    def generate(tokens, lengths, max_new_tokens, eos_id):
-      weights = None
-      if prompt_weights is not None:
-        texts = [tokenizer.decode(row[:n]) for row, n in zip(np.asarray(tokens),
-                                                             np.asarray(lengths), strict=True)]
-        weights = jnp.asarray(prompt_weights(texts))
-      return btm.generate_ensemble(model, stacked, tokens, lengths, max_new_tokens,
-                                   top_k=top_k, smoothing=config.btm.smoothing,
-                                   weights=weights, eos_id=eos_id)
-    tasks[domain] = score_tasks_of(config, domain, generate)
-  return tasks
+  if config.btx.task_examples:
+    tasks = {domain: score_tasks_of(config, domain, generate)
+             for domain in task_domains(config)}
+  files = task_files(config)
+  scored = [t for t in files if prompt_weights is None or t.kind == "exact_match"]
+  if len(scored) < len(files):
+    log("[eval] c-btm: multiple-choice task files skipped (its weights come from a prompt)")
+  return tasks | score_task_files(config, scored, generate, score, model.config.max_seq_len)
 
 
 def _host_members(directories: Sequence[Any]) -> tuple[Any, list[Any]]:

@@ -72,8 +72,8 @@ def evaluate_params(config: ExperimentConfig, model_config: ModelConfig, params:
     for domain in [d for d in task_domains(config) if d in domains]:
       tasks[domain] = score_tasks_of(config, domain, generate)
   if config.eval.tasks and every_domain:
-    tasks |= score_task_files(config, generate, make_scorer(model, params, mesh),
-                              model_config.max_seq_len)
+    tasks |= score_task_files(config, task_files(config), generate,
+                              make_scorer(model, params, mesh), model_config.max_seq_len)
   return {"domains": {d: {"loss": loss, "perplexity": math.exp(loss)}
                       for d, loss in losses.items()},
           "tasks": tasks}
@@ -116,14 +116,14 @@ def batch_rows(config: ExperimentConfig, mesh: Any) -> int:
   return -(-config.eval.batch_size // shards) * shards
 
 
-def score_task_files(config: ExperimentConfig, generate: Any, score: Score,
-                     max_len: int) -> dict[str, Any]:
-  """Task name -> result of each task of `eval.tasks`: exact match with `generate`
+def score_task_files(config: ExperimentConfig, tasks: Sequence[TaskFile], generate: Any,
+                     score: Score, max_len: int) -> dict[str, Any]:
+  """Task name -> result of each of `tasks` (`task_files`): exact match with `generate`
   (as `score_tasks` takes it), multiple choice with `score`."""
   tokenizer = pipeline.make_tokenizer(config.data)
   mesh = parallel.make_mesh(config.mesh)
   results = {}
-  for task in task_files(config):
+  for task in tasks:
     if task.kind == "exact_match":
       results[task.name] = score_tasks(generate, tokenizer, task.items,
                                        config.eval.max_new_tokens, config.eval.batch_size)
@@ -144,8 +144,8 @@ def summarise(row: dict[str, Any], compute: Mapping[str, float]) -> dict[str, An
 
 
 def table(rows: Mapping[str, Mapping[str, Any]]) -> str:
-  """The results as a fixed-width text table: perplexity per domain, task accuracy,
-  average perplexity and accuracy, training FLOPs."""
+  """The results as a fixed-width text table: perplexity per domain, task accuracy ("-"
+  where a row has no score for a task), average perplexity and accuracy, training FLOPs."""
   first = next(iter(rows.values()))
   domains, tasks = list(first["domains"]), list(first["tasks"])
   header = (["model"] + [f"ppl {d}" for d in domains] + [f"acc {t}" for t in tasks]
@@ -153,7 +153,8 @@ def table(rows: Mapping[str, Mapping[str, Any]]) -> str:
   lines = [header]
   for name, row in rows.items():
     cells = [name] + [f"{row['domains'][d]['perplexity']:.3f}" for d in domains]
-    cells += [f"{row['tasks'][t]['accuracy']:.3f}" for t in tasks]
+    cells += [f"{row['tasks'][t]['accuracy']:.3f}" if t in row["tasks"] else "-"
+              for t in tasks]
     cells += [f"{row['average']['perplexity']:.3f}"]
     cells += [f"{row['average']['accuracy']:.3f}"] if tasks else []
     cells += [f"{row['compute']['flops']:.3e}"]
