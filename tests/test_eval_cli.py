@@ -17,7 +17,7 @@ from jbtx.btx import btm_eval, eval_stage
 from jbtx.config import ConfigError, EvalConfig, ExperimentConfig, from_mapping
 from jbtx.data import pipeline
 from jbtx.eval import likelihood
-from jbtx.eval.__main__ import evaluate, workdir_config
+from jbtx.eval.evaluate import evaluate, workdir_config
 from tests.training_runs import btx_run, run_env  # noqa: F401 (fixtures)
 
 

@@ -20,7 +20,7 @@ from jbtx import parallel
 from jbtx.config import ExperimentConfig, MeshConfig, from_mapping
 from jbtx.data import pipeline
 from jbtx.eval import likelihood
-from jbtx.eval.__main__ import workdir_config
+from jbtx.eval.evaluate import workdir_config
 from jbtx.eval.generate import generate_ragged
 from jbtx.eval.tasks import generate_continuations, score_tasks
 from tests.training_runs import btx_run, run_env  # noqa: F401 (fixtures)
@@ -34,7 +34,7 @@ def process_results(doc, results):
 """
 
 
-def _task(directory, name, data, body):
+def _task(directory, name, data, body, text="prompt"):
   path = directory / f"{name}.jsonl"
   path.write_text("".join(json.dumps(item) + "\n" for item in data))
   (directory / f"{name}.yaml").write_text(textwrap.dedent(f"""\
@@ -44,7 +44,7 @@ def _task(directory, name, data, body):
         data_files:
           test: {path}
       test_split: test
-      doc_to_text: "{{{{prompt}}}}"
+      doc_to_text: "{{{{{text}}}}}"
       """) + textwrap.dedent(body))
 
 
@@ -77,10 +77,18 @@ def test_lm_eval_scores_local_tasks_as_jbtx_does(btx_run, tmp_path):  # noqa: F8
           aggregation: mean
           higher_is_better: true
       """)
+  code = pipeline.open_source(config.data, "code", "validation")
+  documents = [{"text": code[0][:40]}, {"text": "".join(code[i] for i in range(8))[:700]}]
+  _task(tmp_path, "jbtx_rolling", documents, """\
+      output_type: loglikelihood_rolling
+      doc_to_target: "{{text}}"
+      metric_list:
+        - metric: word_perplexity
+      """, text="text")
   results = lm_eval.simple_evaluate(
       model="jbtx", model_args=f"workdir={btx_run},stage=seed,batch_size=8",
-      tasks=["jbtx_choices", "jbtx_math"], task_manager=TaskManager(include_path=str(tmp_path)),
-      log_samples=True)
+      tasks=["jbtx_choices", "jbtx_math", "jbtx_rolling"],
+      task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
 
   model, params = jbtx.load(btx_run / "seed")
   tokenizer = pipeline.make_tokenizer(config.data)
@@ -98,3 +106,42 @@ def test_lm_eval_scores_local_tasks_as_jbtx_does(btx_run, tmp_path):  # noqa: F8
   assert [s["resps"][0][0] for s in samples] == [o.split("\n\n")[0] for o in outputs]
   assert results["results"]["jbtx_math"]["exact_match,none"] == score_tasks(
       generate, tokenizer, math, 12, 8)["accuracy"]
+
+  # Rolling: every token predicted once, windows of the model's length, the first after BOS.
+  samples = sorted(results["samples"]["jbtx_rolling"], key=lambda s: s["doc_id"])
+  for sample, document in zip(samples, documents, strict=True):
+    ids = [tokenizer.bos_id, *tokenizer.encode(document["text"], add_bos=False)]
+    np.testing.assert_allclose(float(np.ravel(sample["resps"][0])[0]),
+                               _windowed_log_likelihood(model, params, ids), rtol=1e-5)
+
+
+def _windowed_log_likelihood(model, params, ids: list[int]) -> float:
+  """log p(ids[1:] | BOS): the first window the model's length from the start, then each
+  later target once, with as much context before it as fits."""
+  width = model.config.max_seq_len
+  total, done = 0.0, 1  # ids[0] is BOS
+  while done < len(ids):
+    end = min(len(ids), done + width - 1)
+    window = ids[max(0, end - width):end]
+    logits = model.apply({"params": params}, np.asarray([window], np.int32))[0, :-1]
+    log_probs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    picked = log_probs[np.arange(len(window) - 1), window[1:]]
+    total += float(picked[len(picked) - (end - done):].sum())
+    done = end
+  return total
+
+
+def test_the_command_line_is_lm_evals_with_the_model_registered(btx_run, tmp_path, capsys):  # noqa: F811
+  _task(tmp_path, "jbtx_yes_no", [{"prompt": "Is the sky blue?", "choices": [" yes", " no"],
+                                   "answer": 0}], """\
+      output_type: multiple_choice
+      doc_to_choice: "{{choices}}"
+      doc_to_target: "{{answer}}"
+      target_delimiter: ""
+      metric_list:
+        - metric: acc
+      """)
+  jbtx.eval.harness.main(["--model_args", f"workdir={btx_run},stage=seed", "--tasks",
+                          "jbtx_yes_no", "--include_path", str(tmp_path)])
+  printed = capsys.readouterr().out
+  assert "jbtx_yes_no" in printed and "acc" in printed

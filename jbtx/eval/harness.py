@@ -39,7 +39,7 @@ from jbtx.btx import eval_stage
 from jbtx.btx.workdir import Paths
 from jbtx.config import ConfigError, ExperimentConfig, from_mapping
 from jbtx.data import pipeline
-from jbtx.eval.__main__ import workdir_config
+from jbtx.eval.evaluate import workdir_config
 from jbtx.eval.generate import generate_ragged
 from jbtx.eval.likelihood import encode_pair, make_scorer, pair_log_likelihoods
 from jbtx.eval.tasks import generate_continuations

@@ -144,11 +144,17 @@ def token_experts_figure(tokenizer: Tokenizer, texts: Mapping[str, TokenExperts]
   return figure
 
 
-def save_png(figure: Figure, path: str | pathlib.Path) -> pathlib.Path:
-  """Writes `figure` as a PNG at `path` (atomically) and returns the path."""
+def png_bytes(figure: Figure) -> bytes:
+  """`figure` as PNG bytes, e.g. for `IPython.display.Image`."""
   buffer = io.BytesIO()
   figure.savefig(buffer, format="png", dpi=110)
-  files.write_atomically(path, lambda f: f.write(buffer.getvalue()))
+  return buffer.getvalue()
+
+
+def save_png(figure: Figure, path: str | pathlib.Path) -> pathlib.Path:
+  """Writes `figure` as a PNG at `path` (atomically) and returns the path."""
+  data = png_bytes(figure)
+  files.write_atomically(path, lambda f: f.write(data))
   return pathlib.Path(path)
 
 
