@@ -256,11 +256,12 @@ def test_finetune_variants_are_overrides_of_the_stage(btx_run, run_env, tmp_path
   assert set(json.loads((tmp_path / "results.json").read_text())["rows"]) == set(MODELS)
 
 
-def test_baselines_join_a_finished_run_each_with_its_flops(btx_run, run_env, tmp_path):  # noqa: F811
-  """All five at once (one evaluation): BTM on the experts, upcycling, dense, LLaMA-MoE
-  split from the seed with residual experts and dynamic domain weights, OLMoE from
-  scratch with the seed's FLOPs as well."""
-  workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def joined(btx_run, run_env, tmp_path_factory):  # noqa: F811
+  """The finished run with all five baselines added (one evaluation): BTM on the experts,
+  upcycling, dense, LLaMA-MoE split from the seed with residual experts and dynamic
+  domain weights, OLMoE from scratch with the seed's FLOPs as well; and its output."""
+  workdir = tmp_path_factory.mktemp("joined") / "run"
   shutil.copytree(btx_run, workdir)
   result = btx(workdir, run_env,
                "--config.btx.baselines=('btm', 'upcycle', 'dense', 'llama_moe', 'olmoe')",
@@ -268,7 +269,11 @@ def test_baselines_join_a_finished_run_each_with_its_flops(btx_run, run_env, tmp
                "--config.llama_moe.reweighting=loss", "--config.llama_moe.reweight_every=4",
                "--config.btx.task_examples=0")  # perplexity only: decoding costs compiles
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  out = result.stdout
+  return workdir, result.stdout
+
+
+def test_baselines_join_a_finished_run_each_with_its_flops(btx_run, joined):  # noqa: F811
+  workdir, out = joined
   for i, stage in enumerate(["upcycle", "dense", "llama_moe", "olmoe"], start=6):
     assert f"[btx] stage {i}/11 {stage}: starting" in out
   assert "evaluating again" in out and (workdir / "results.json.old").exists()
@@ -301,6 +306,33 @@ def test_baselines_join_a_finished_run_each_with_its_flops(btx_run, run_env, tmp
   olmoe = checkpoint.load_config(workdir / "olmoe")
   assert olmoe.qk_norm and (olmoe.moe.n_experts, olmoe.moe.top_k, olmoe.moe.d_ff) == (16, 4, 88)
   assert not olmoe.moe.renormalize and olmoe.moe.routing == "softmax_topk"
+
+
+ALONE = ("--config.btx.train_btx=False", "--config.btx.baselines=('upcycle', 'dense')",
+         "--config.btx.task_examples=0")  # configs/upcycle.py and dense.py on the test budgets
+
+
+def test_upcycle_and_dense_alone_killed_in_upcycle_rerun_to_the_joined_rows(
+    btx_run, joined, run_env, tmp_path):  # noqa: F811
+  """Without BTX's stages (they only set the budget), killed -9 while upcycling: the
+  rerun resumes and gives the models and rows the baselines got joined to the full run."""
+  shutil.copytree(btx_run / "seed", tmp_path / "seed")
+  upcycle = tmp_path / "upcycle"
+  _kill_when(tmp_path, run_env, lambda: _complete_steps(upcycle / "checkpoints"), *ALONE)
+  assert not (upcycle / checkpoint.CONFIG_FILE).exists()
+  result = btx(tmp_path, run_env, *ALONE)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "[upcycle] resuming from step" in result.stdout
+  assert not (tmp_path / "expert").exists() and not (tmp_path / "finetune").exists()
+  reference = joined[0]
+  for name in ("upcycle", "dense"):
+    _assert_same_params(_params(tmp_path / name), _params(reference / name))
+  rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+  full = json.loads((reference / "results.json").read_text())["rows"]
+  assert tuple(rows) == ("seed", "upcycle", "dense")
+  for name in rows:
+    assert rows[name]["domains"] == full[name]["domains"]
+    assert rows[name]["compute"] == full[name]["compute"]
 
 
 CBTM = ("--config.btx.train_btx=False", "--config.btx.baselines=('btm',)",
