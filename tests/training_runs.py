@@ -4,12 +4,18 @@ multi-process, CLI and notebook tests.
 Runs use 4 simulated CPU devices per process and share a persistent compilation cache,
 so only the first run of a program compiles it. `uninterrupted_run` is the reference,
 made once per test session (its work directory is found again by name, since each
-module importing the fixture gets its own instance of it).
+module importing the fixture gets its own instance of it). Under pytest-xdist the
+workers share these runs and the cache: the first worker to need a run makes it while
+the others wait on its lock.
 """
 
+import contextlib
+import fcntl
 import os
+import pathlib
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -32,10 +38,27 @@ SHORT_ARGS = ("--config.train.steps=6", "--config.train.log_every=3",
               "--config.btx.only=seed")
 
 
+def shared_temp(tmp_path_factory) -> pathlib.Path:
+  """The session's temporary directory that every pytest-xdist worker sees."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def only_one_at_a_time(workdir: pathlib.Path) -> Iterator[None]:
+  """Holds an exclusive lock next to `workdir` (other workers wait here)."""
+  with open(workdir.parent / f"{workdir.name}.lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def run_env(tmp_path_factory):
   """Environment of the subprocesses (devices per process, compilation cache)."""
-  cache = tmp_path_factory.getbasetemp() / "jax_cache"
+  cache = shared_temp(tmp_path_factory) / "jax_cache"
   return os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
                        "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
                        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
@@ -61,11 +84,12 @@ def final_params(workdir):
 def uninterrupted_run(tmp_path_factory, run_env):
   """Work directory of an uninterrupted run (also profiling steps 3-4 and dumping HLO,
   which change no number); its console output is in `output.txt` there."""
-  workdir = tmp_path_factory.getbasetemp() / "uninterrupted"
-  if not (workdir / "seed" / checkpoint.CONFIG_FILE).exists():
-    result = train(workdir, run_env, "--config.profile_steps=3,4", "--config.dump_hlo=True")
-    assert result.returncode == 0, result.stderr
-    (workdir / "output.txt").write_text(result.stdout + result.stderr)
+  workdir = shared_temp(tmp_path_factory) / "uninterrupted"
+  with only_one_at_a_time(workdir):
+    if not (workdir / "seed" / checkpoint.CONFIG_FILE).exists():
+      result = train(workdir, run_env, "--config.profile_steps=3,4", "--config.dump_hlo=True")
+      assert result.returncode == 0, result.stderr
+      (workdir / "output.txt").write_text(result.stdout + result.stderr)
   return workdir
 
 
@@ -78,13 +102,14 @@ def uninterrupted_params(uninterrupted_run):
 def moe_run(tmp_path_factory):
   """Work directory of a short `configs/olmoe_tiny.py` run (an MoE model trained from
   scratch); its console output is in `output.txt` there."""
-  workdir = tmp_path_factory.getbasetemp() / "olmoe_tiny"
-  if not (workdir / "seed" / checkpoint.CONFIG_FILE).exists():
-    result = subprocess.run([sys.executable, "-m", "jbtx.train", "--config=configs/olmoe_tiny.py",
-                             f"--workdir={workdir}", *SHORT_ARGS],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    (workdir / "output.txt").write_text(result.stdout + result.stderr)
+  workdir = shared_temp(tmp_path_factory) / "olmoe_tiny"
+  with only_one_at_a_time(workdir):
+    if not (workdir / "seed" / checkpoint.CONFIG_FILE).exists():
+      result = subprocess.run([sys.executable, "-m", "jbtx.train",
+                               "--config=configs/olmoe_tiny.py", f"--workdir={workdir}",
+                               *SHORT_ARGS], capture_output=True, text=True, timeout=600)
+      assert result.returncode == 0, result.stderr
+      (workdir / "output.txt").write_text(result.stdout + result.stderr)
   return workdir
 
 
@@ -104,9 +129,10 @@ def btx(workdir, env, *extra) -> subprocess.CompletedProcess:
 def btx_run(tmp_path_factory, run_env):
   """Work directory of an uninterrupted shortened BTX pipeline; its console output is
   in `output.txt` there."""
-  workdir = tmp_path_factory.getbasetemp() / "btx"
-  if not (workdir / "results.json").exists():
-    result = btx(workdir, run_env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (workdir / "output.txt").write_text(result.stdout + result.stderr)
+  workdir = shared_temp(tmp_path_factory) / "btx"
+  with only_one_at_a_time(workdir):
+    if not (workdir / "results.json").exists():
+      result = btx(workdir, run_env)
+      assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+      (workdir / "output.txt").write_text(result.stdout + result.stderr)
   return workdir
