@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+from tests.training_runs import run_env, uninterrupted_run  # noqa: F401 (fixtures)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--batch=8", "--seq=32", "--vocab=97", "--d-model=32", "--layers=2", "--heads=4",
         "--d-ff=24", "--experts=4", "--steps=2", "--warmup=1", "--dtype=float32"]
@@ -64,3 +66,20 @@ def test_mix_memory_benchmark_mixes_tiny_checkpoints_and_reports_the_ratio():
   assert before and peak and ratio, run.stdout
   assert 0 < float(before[1]) <= float(peak[1]) and float(ratio[1]) > 0
   assert "(3 experts)" in run.stdout
+
+
+def test_trace_summary_joins_the_profiled_steps_ops_to_the_model_parts(uninterrupted_run):  # noqa: F811
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import trace_summary
+
+  summary = trace_summary.summarize(uninterrupted_run / "seed")
+  assert summary["module"] == "jit_train_step" and summary["devices"] == 4
+  assert summary["matched"] > 0.8  # most op time carries its JAX name stack
+  parts = summary["parts"]
+  total = sum(sum(times.values()) for times in parts.values())
+  assert abs(total - summary["total_us"]) < 1e-6 * total
+  for part in ("layers/attn", "layers/mlp/gate", "layers/mlp/down"):
+    assert parts[part]["forward"] > 0 and parts[part]["backward"] > 0, part
+  assert trace_summary.part_of("jit(train_step)/transpose(jvp(Llama))/Llama.run_blocks/while/"
+                               "body/closed_call/layers/moe/dot_general", 3) == (
+                                   "backward", "layers/moe")
