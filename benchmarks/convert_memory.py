@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-from jbtx import host_memory
+from jbtx.runtime import host_memory
 
 
 def _shape_for(gigabytes: float) -> dict:
@@ -66,10 +66,10 @@ def write_meta_checkpoint(directory: pathlib.Path, gigabytes: float) -> int:
 
 def measure(source: str, output: str, dtype: str) -> None:
   """Runs in the child process: converts and prints its memory as JSON."""
-  from jbtx import convert
+  from jbtx.interop import conversion
 
   baseline = host_memory.peak_rss()
-  convert.import_checkpoint(source, output, dtype=dtype, show_progress=False)
+  conversion.import_checkpoint(source, output, dtype=dtype, show_progress=False)
   peak = host_memory.peak_rss()
   print(json.dumps({"baseline_bytes": baseline, "peak_bytes": peak}))
 

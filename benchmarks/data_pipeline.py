@@ -21,11 +21,11 @@ import time
 
 import jax
 
-from jbtx import host_memory
 from jbtx.config import ExperimentConfig, MeshConfig, from_mapping
-from jbtx.data import pipeline
+from jbtx.data import loader
 from jbtx.models.llama import Llama
-from jbtx.parallel import make_mesh
+from jbtx.runtime import host_memory
+from jbtx.runtime.sharding import make_mesh
 from jbtx.training.optimizer import make_optimizer
 from jbtx.training.step import init_train_state, make_train_step
 
@@ -41,7 +41,7 @@ def demo_config() -> ExperimentConfig:
 
 def pipeline_tokens_per_second(config: ExperimentConfig, steps: int) -> float:
   """Tokens per second of one core's CPU time for `steps` batches."""
-  data = pipeline.train_iterator(dataclasses.replace(config.data, prefetch=0),
+  data = loader.train_iterator(dataclasses.replace(config.data, prefetch=0),
                                  seed=config.seed)
   next(data)  # Opens and indexes the sources.
   start = time.thread_time()
@@ -57,7 +57,7 @@ def training_tokens_per_second(config: ExperimentConfig, steps: int) -> float:
   mesh = make_mesh(MeshConfig())
   state = init_train_state(model, optimizer, config.seed, mesh)
   train_step = make_train_step(model, optimizer, mesh)
-  data = pipeline.train_iterator(config.data, seed=config.seed)
+  data = loader.train_iterator(config.data, seed=config.seed)
   batches = [next(data) for _ in range(steps + 1)]
   state, metrics = train_step(state, batches[0])  # Compiles.
   jax.block_until_ready(metrics)
@@ -74,7 +74,7 @@ def main() -> None:
   parser.add_argument("--train_steps", type=int, default=10, help="training steps timed")
   parser.add_argument("--reuse-host-memory", action=argparse.BooleanOptionalAction, default=True,
                       help="glibc keeps freed blocks for reuse, as jbtx.train does "
-                           "(jbtx.host_memory)")
+                           "(jbtx.runtime.host_memory)")
   args = parser.parse_args()
   if args.reuse_host_memory:  # Before JAX starts its threads.
     host_memory.reuse_freed_blocks()

@@ -26,9 +26,9 @@ import time
 import jax
 import numpy as np
 
-from jbtx import parallel
 from jbtx.config import MeshConfig, ModelConfig, MoEConfig, OptimizerConfig
 from jbtx.models.llama import Llama
+from jbtx.runtime import sharding
 from jbtx.training import metrics
 from jbtx.training.optimizer import make_optimizer
 from jbtx.training.step import init_train_state, make_train_step
@@ -48,11 +48,11 @@ def tokens_per_second(config: ModelConfig, args: argparse.Namespace) -> float:
   """Median training throughput of `config` over `args.steps` steps after warm-up."""
   model = Llama(config)
   optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=0), 1000)
-  mesh = parallel.make_mesh(MeshConfig())
+  mesh = sharding.make_mesh(MeshConfig())
   train_step = make_train_step(model, optimizer, mesh)
   tokens = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq),
                                              dtype=np.int32)
-  batch = parallel.global_batch(mesh, {
+  batch = sharding.global_batch(mesh, {
       "tokens": tokens, "segment_ids": np.ones_like(tokens),
       "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), tokens.shape)})
   state = init_train_state(model, optimizer, 0, mesh)

@@ -6,7 +6,7 @@ r"""Peak memory of the BTX mix relative to one of the dense checkpoints it mixes
 Writes `--experts` synthetic dense jbtx checkpoints (a TinyLlama-like shape, layers
 scanned as the training stages save them, random values; by default 1.39 GB of bf16
 parameters, 1.09 GB on disk after Orbax's zstd) one leaf at a time, then mixes them into
-an MoE checkpoint in a fresh process exactly as `jbtx.btx.pipeline.run_mix` does
+an MoE checkpoint in a fresh process exactly as the mix stage (`jbtx.pipeline.stages.mix`) does
 (`CheckpointSource`s -> `mix.mixed_parts` -> `checkpoint.save_parts`, random routers,
 "experts" FFNs, uniform weights). Prints that process's peak resident memory divided by
 the size on disk of one expert checkpoint (and by its parameter bytes), and the same
@@ -29,7 +29,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from jbtx import host_memory
+from jbtx.runtime import host_memory
 
 
 def _du(directory: pathlib.Path) -> int:
@@ -76,7 +76,7 @@ def _leaves(config: Any, seed: int) -> Any:
 
 def write_experts(root: pathlib.Path, config: Any, n: int) -> list[pathlib.Path]:
   """Writes `n` dense checkpoints (seed + n - 1 experts) leaf by leaf; returns their dirs."""
-  from jbtx import checkpoint
+  from jbtx.interop import checkpoint
 
   dirs = [root / f"expert{i}" for i in range(n)]
   for i, directory in enumerate(dirs):
@@ -88,10 +88,10 @@ def measure(out: str, sources: list[str]) -> None:
   """Runs in the child process: mixes as `run_mix` does and prints its memory as JSON."""
   import jax
 
-  from jbtx import checkpoint
-  from jbtx.btx import mix
-  from jbtx.btx.sources import CheckpointSource
   from jbtx.config import MoEConfig
+  from jbtx.interop import checkpoint
+  from jbtx.interop.tensor_source import CheckpointSource
+  from jbtx.methods import mix
 
   jax.devices()  # Orbax starts the backend anyway: count it in the baseline.
   baseline = host_memory.peak_rss()
@@ -142,7 +142,7 @@ def main() -> None:
     dirs = write_experts(root, config, args.experts)
     write_seconds = time.perf_counter() - start
     size = _du(dirs[0])
-    from jbtx import checkpoint
+    from jbtx.interop import checkpoint
 
     metadata = checkpoint.params_metadata(dirs[0])
     param_bytes = sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize

@@ -25,7 +25,7 @@ what the experts' SwiGLUs (matmuls and elementwise work) cost at these shapes, a
 no exact path can beat by much. "expert_choice" is a different routing at the same
 compute (each expert takes C = T·k/E tokens per group; `routing.expert_choice`).
 
-The process keeps freed host memory for reuse (`jbtx.host_memory`, as `jbtx.train`
+The process keeps freed host memory for reuse (`jbtx.runtime.host_memory`, as `jbtx.train`
 does); `--no-reuse-host-memory` keeps glibc's defaults.
 
 Active FLOPs of forward+backward, used for TFLOP/s: 6 · tokens · d_model · 3·k·d_ff
@@ -45,9 +45,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jbtx import host_memory
 from jbtx.config import ModelConfig, MoEConfig
 from jbtx.models import dispatch, moe, routing
+from jbtx.runtime import host_memory
 
 CONFIGS = {
     "mixtral": {"n_experts": 8, "top_k": 2, "d_ff": 1408},
@@ -223,7 +223,7 @@ def main() -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--reuse-host-memory", action=argparse.BooleanOptionalAction, default=True,
                       help="glibc keeps freed blocks for reuse, as jbtx.train does "
-                           "(jbtx.host_memory)")
+                           "(jbtx.runtime.host_memory)")
   args = parser.parse_args()
   if args.reuse_host_memory:  # Before JAX (and PyTorch) start their threads.
     host_memory.reuse_freed_blocks()

@@ -27,7 +27,7 @@ The last line, jbtx's dense equivalent over HF's MoE step, bounds the MoE ratio:
 MoE layer does the dense FFN's FLOPs in smaller matmuls, plus routing, so jbtx's MoE
 step is not expected to beat its dense equivalent.
 
-The process keeps freed host memory for reuse (`jbtx.host_memory`, as `jbtx.train`
+The process keeps freed host memory for reuse (`jbtx.runtime.host_memory`, as `jbtx.train`
 does; it serves both frameworks); `--no-reuse-host-memory` keeps glibc's defaults, under
 which every jbtx step page-faults its 68 MiB XLA:CPU buffer in again.
 
@@ -48,9 +48,9 @@ import numpy as np
 import torch
 import transformers
 
-from jbtx import host_memory, parallel
 from jbtx.config import MeshConfig, ModelConfig, MoEConfig, OptimizerConfig
 from jbtx.models.llama import Llama
+from jbtx.runtime import host_memory, sharding
 from jbtx.training.optimizer import make_optimizer
 from jbtx.training.step import init_train_state, make_train_step
 
@@ -75,9 +75,9 @@ def jbtx_step(tokens: np.ndarray, dispatch: str, moe: bool = True) -> Callable[[
   optimizer = make_optimizer(OptimizerConfig(learning_rate=LR, warmup_steps=0, b1=BETAS[0],
                                              b2=BETAS[1], weight_decay=WEIGHT_DECAY,
                                              grad_clip_norm=CLIP), 1000)
-  mesh = parallel.make_mesh(MeshConfig(), jax.devices()[:1])
+  mesh = sharding.make_mesh(MeshConfig(), jax.devices()[:1])
   train_step = make_train_step(model, optimizer, mesh)
-  batch = parallel.global_batch(mesh, {
+  batch = sharding.global_batch(mesh, {
       "tokens": tokens, "segment_ids": np.ones_like(tokens),
       "positions": np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)})
   state = [init_train_state(model, optimizer, 0, mesh)]
@@ -143,7 +143,7 @@ def main() -> None:
                       help="1: both single-threaded (steadier on a busy machine); 0: defaults")
   parser.add_argument("--reuse-host-memory", action=argparse.BooleanOptionalAction, default=True,
                       help="glibc keeps freed blocks for reuse, as jbtx.train does "
-                           "(jbtx.host_memory)")
+                           "(jbtx.runtime.host_memory)")
   args = parser.parse_args()
   if args.reuse_host_memory:  # Before JAX (and PyTorch) start their threads.
     host_memory.reuse_freed_blocks()

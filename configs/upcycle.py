@@ -2,7 +2,7 @@
 its FFN copied into 4 experts with a new top-2 router, trained on the finetune mixture
 for BTX's training FLOPs (its experts plus finetune, from configs/btx.py's budgets).
 
-    python -m jbtx.train --config=configs/upcycle.py [--config.btx.upcycle_every=2]
+    python -m jbtx.train --config=configs/upcycle.py [--config.upcycle.every=2]
 """
 
 import ml_collections

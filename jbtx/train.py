@@ -9,13 +9,14 @@ stops the run with exit status 0 at the next safe point: after the current train
 step, saving a checkpoint, or before the final evaluation or the publish; a signal
 during the publish lets it finish (a second signal interrupts at once).
 
-The stages (`jbtx.btx.pipeline`): `seed` trains the dense seed (`config.model`; or
-`btx.seed_checkpoint` is used), then with `btx.experts` set, `expert/<domain>` for each
-expert, `mix`, `finetune`, `eval` (results.json) and `export` (hf/).
+The stages (`jbtx.pipeline.runner`, one module per kind in `jbtx.pipeline.stages`):
+`seed` trains the dense seed (`config.model`; or `btx.seed_checkpoint` is used), then
+with `btx.experts` set, `expert/<domain>` for each expert, `mix`, `finetune`, the
+baselines of `btx.baselines`, `eval` (results.json) and `export` (hf/).
 `--config.btx.only=STAGE` runs one stage and exits (experts on separate hosts).
 
 Multi-host: run the same command on every host; `config.distributed` (or the cluster
-environment) makes the processes join one JAX job (`jbtx.distributed`).
+environment) makes the processes join one JAX job (`jbtx.runtime.distributed`).
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jbtx import distributed, host_memory
-from jbtx.btx import pipeline as btx_pipeline
 from jbtx.config import ConfigError, ExperimentConfig, from_mapping
-from jbtx.data import pipeline
-from jbtx.training.loop import Preempted, log
+from jbtx.pipeline import runner
+from jbtx.runtime import distributed, host_memory
+from jbtx.runtime.distributed import log
+from jbtx.runtime.signals import Preempted
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. configs/btx.py; override keys with --config.KEY=V.")
@@ -40,22 +41,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None,
 
 def default_workdir(config_path: str) -> pathlib.Path:
   return pathlib.Path("runs") / pathlib.Path(config_path).stem
-
-
-def check_vocabulary(config: ExperimentConfig) -> None:
-  """Raises ConfigError if the tokenizer has more ids than the model has embeddings."""
-  vocab_size = pipeline.make_tokenizer(config.data).vocab_size
-  if vocab_size > config.model.vocab_size:
-    tokenizer = config.data.tokenizer
-    raise ConfigError("model.vocab_size",
-                      f"the {tokenizer.type} tokenizer {tokenizer.path} has {vocab_size} "
-                      f"ids, more than the model's {config.model.vocab_size}")
-
-
-def run(config: ExperimentConfig, workdir: pathlib.Path) -> None:
-  """Runs every stage of the experiment that is not complete in `workdir`."""
-  check_vocabulary(config)
-  btx_pipeline.run(config, workdir)
 
 
 def main(argv: list[str]) -> None:
@@ -80,7 +65,7 @@ def main(argv: list[str]) -> None:
   workdir = pathlib.Path(_WORKDIR.value
                          or default_workdir(flags.FLAGS["config"].config_filename)).absolute()
   try:
-    run(config, workdir)
+    runner.run(config, workdir)
   except Preempted as e:
     log(str(e))
   except ConfigError as e:  # A setting that only the devices or data can refute.

@@ -2,7 +2,7 @@
 
 import jax.numpy as jnp
 
-from jbtx.eval import generate as gen
+from jbtx.inference import generate as gen
 
 
 def decode_in_steps(model, params, tokens, prefill: int, cache_len: int):

@@ -6,14 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jbtx.btx import btm, btm_eval
-from jbtx.btx.clusters import fit_clusters
 from jbtx.config import MeshConfig
 from jbtx.data.tokenizers import ByteTokenizer
-from jbtx.eval.generate import generate_ragged
+from jbtx.eval import ensembles
+from jbtx.inference.generate import generate_ragged
+from jbtx.inference.likelihood import target_scores
+from jbtx.methods import btm
+from jbtx.methods.clusters import fit_clusters
 from jbtx.models import presets
 from jbtx.models.llama import Llama, init_params
-from jbtx.parallel import make_mesh
+from jbtx.runtime.sharding import make_mesh
 from jbtx.training.step import token_losses
 
 
@@ -115,8 +117,8 @@ def test_target_log_probs_sum_to_the_training_loss_and_mix_one_hot_to_it():
   model, trees = _experts(2)
   batch = _packed_batch(np.random.default_rng(3), model.config.vocab_size, rows=8)
   mesh = make_mesh(MeshConfig())
-  step = btm_eval.make_target_log_probs(model, mesh)
-  lp = np.stack([np.asarray(step(t, batch)) for t in trees])
+  step = target_scores(model, mesh)
+  lp = np.stack([ensembles.valid_log_probs(step, t, mesh, batch) for t in trees])
   for j, tree in enumerate(trees):
     logits = model.apply({"params": tree}, batch["tokens"], positions=batch["positions"],
                          segment_ids=batch["segment_ids"])
@@ -164,8 +166,8 @@ def test_cbtm_context_weights_are_distributions_from_the_text_before_each_chunk(
   tokens[0, :len(document)] = document
   segments = np.zeros((1, 64), np.int32)
   segments[0, :len(document)] = 1
-  weights = btm_eval.context_weights(clusters, tokenizer, {"tokens": tokens,
-                                                           "segment_ids": segments}, 8, 0.1)
+  weights = ensembles.context_weights(clusters, tokenizer, {"tokens": tokens,
+                                                            "segment_ids": segments}, 8, 0.1)
   np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
   np.testing.assert_allclose(weights[0, :8], 0.5)  # no context yet
   alpha = clusters.nearest(["alpha beta gamma"])[0]

@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 
 import jbtx
-from jbtx import checkpoint
-from jbtx.btx import pipeline
 from jbtx.config import ConfigError, ExperimentConfig, from_mapping
+from jbtx.interop import checkpoint
 from jbtx.models.llama import unstack_layers
+from jbtx.pipeline import runner
 from tests import btx_short
 from tests.training_runs import (
-    btx,
-    btx_command,
-    btx_run,  # noqa: F401 (fixture)
-    run_env,  # noqa: F401 (fixture)
+  btx,
+  btx_command,
+  btx_run,  # noqa: F401 (fixture)
+  run_env,  # noqa: F401 (fixture)
 )
 
 MODELS = ("seed", "code", "math", "btx")
@@ -125,7 +125,7 @@ def _run_in_process(workdir, mutate):
   refused before anything is computed)."""
   config = btx_short.get_config()
   mutate(config)
-  pipeline.run(from_mapping(ExperimentConfig, config), workdir)
+  runner.run(from_mapping(ExperimentConfig, config), workdir)
 
 
 def test_experts_trained_as_separate_jobs_mix_into_the_same_model(
@@ -276,7 +276,7 @@ def test_baselines_join_a_finished_run_each_with_its_flops(btx_run, joined):  # 
   workdir, out = joined
   for i, stage in enumerate(["upcycle", "dense", "llama_moe", "olmoe"], start=6):
     assert f"[btx] stage {i}/11 {stage}: starting" in out
-  assert "evaluating again" in out and (workdir / "results.json.old").exists()
+  assert "eval's settings or inputs changed" in out and (workdir / "results.json.old").exists()
   assert "[btx] stage 11/11 export: already complete" in out
   assert "into 8 experts of 32 (sharing_inter)" in out
   assert "[llama_moe] neuron importance over 4 batches of each of code, general" in out

@@ -1,4 +1,4 @@
-"""c-BTM clustering (`jbtx.btx.clusters`): tf-idf, balanced k-means, cluster weights.
+"""c-BTM clustering (`jbtx.methods.clusters`): tf-idf, balanced k-means, cluster weights.
 
 Tolerances: features 1e-6 (the same float64 tf-idf as sklearn's, in another order);
 squared distances 1e-5 (float32 results of float64 computations on unit vectors).
@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from jbtx.btx import clusters
-from jbtx.btx.clusters import (
-  TfidfClusters,
+from jbtx.methods import clusters
+from jbtx.methods.clusters import (
   balanced_assignment,
   balanced_kmeans,
   cluster_weights,
   fit_clusters,
 )
+from jbtx.pipeline.clusters import load_clusters, save_clusters
 
 VOCABULARIES = [[f"{prefix}{i}" for i in range(12)] for prefix in ("alpha", "beta", "gamma")]
 
@@ -140,8 +140,8 @@ def test_cluster_weights():
 def test_save_load_round_trip_and_damage(tmp_path):
   texts, _ = synthetic_texts(per_domain=10)
   fitted, _ = fit_clusters(texts, 3)
-  fitted.save(tmp_path / "clusters")
-  loaded = TfidfClusters.load(tmp_path / "clusters")
+  save_clusters(fitted, tmp_path / "clusters")
+  loaded = load_clusters(tmp_path / "clusters")
   assert loaded.vocabulary == fitted.vocabulary
   np.testing.assert_array_equal(loaded.squared_distances(texts), fitted.squared_distances(texts))
   names = sorted(p.name for p in (tmp_path / "clusters").iterdir())
@@ -149,15 +149,15 @@ def test_save_load_round_trip_and_damage(tmp_path):
   arrays = tmp_path / "clusters" / clusters.ARRAYS_FILE
   arrays.write_bytes(arrays.read_bytes()[:100])
   with pytest.raises(ValueError, match=r"centroids\.npz"):
-    TfidfClusters.load(tmp_path / "clusters")
+    load_clusters(tmp_path / "clusters")
   (tmp_path / "clusters" / clusters.CONFIG_FILE).unlink()
   with pytest.raises(FileNotFoundError, match=r"clusters\.json"):
-    TfidfClusters.load(tmp_path / "clusters")
+    load_clusters(tmp_path / "clusters")
   (tmp_path / "bad").mkdir()
-  fitted.save(tmp_path / "bad")
+  save_clusters(fitted, tmp_path / "bad")
   (tmp_path / "bad" / clusters.CONFIG_FILE).write_text('{"vocabulary": ')
   with pytest.raises(ValueError, match=r"clusters\.json"):
-    TfidfClusters.load(tmp_path / "bad")
+    load_clusters(tmp_path / "bad")
 
 
 def test_errors():

@@ -17,6 +17,7 @@ from jbtx.config import (
     to_dict,
 )
 from jbtx.models import presets
+from jbtx.pipeline import experiments, registry
 
 
 def _experiment(**model_overrides) -> ml_collections.ConfigDict:
@@ -139,7 +140,15 @@ def _flat_keys(tree: dict, prefix: str = "") -> set[str]:
     (lambda c: c.btx.experts.update(law={}), "btx.experts.law", "not a domain of data.domains"),
     (lambda c: c.btx.experts.update(seed={}), "btx.experts.seed", "names the seed's expert"),
     (lambda c: c.btx.update(only="expert/law"), "btx.only",
-     "must be one of dense, eval, expert/code, expert/knowledge, expert/math, export"),
+     "must be one of seed, expert/code, expert/knowledge, expert/math, mix, finetune, "
+     "upcycle, dense, eval, export, got 'expert/law'"),
+    (lambda c: c.btx.update(baselines=("btm", "dropout")), "btx.baselines",
+     "unknown baseline 'dropout'; the registered ones are btm, dense, llama_moe, olmoe, "
+     "upcycle"),
+    (lambda c: c.btx.update(upcycle_every=2), "btx.upcycle_every",
+     "this key moved to 'upcycle.every'"),
+    (lambda c: (c.btx.update(baselines=("upcycle",)), c.upcycle.update(every=3)),
+     "upcycle.every", "must divide model.n_layers (4), got 3"),
     (lambda c: c.btm.update(top_k=(1, 5)), "btm.top_k", "5 exceeds the ensemble's 4 experts"),
     (lambda c: c.btm.update(clusters=3, top_k=(4,)), "btm.top_k",
      "4 exceeds the ensemble's 3 experts"),
@@ -168,30 +177,31 @@ def _flat_keys(tree: dict, prefix: str = "") -> set[str]:
      "352 neurons do not split into 10 equal groups (8 experts + 2 shared)"),
     (lambda c: c.llama_moe.moe.update(n_shared_experts=1), "llama_moe.moe.n_shared_experts",
      "is set by the split"),
-    (lambda c: c.btx.update(baselines=("olmoe",), seed_checkpoint="/converted"),
+    (lambda c: c.btx.update(baselines=("olmoe",), train_btx=False,
+                            seed_checkpoint="/converted"),
      "btx.baselines", "has no recorded training FLOPs"),
 ])
 def test_btx_settings_name_their_key(mutate, key, fragment):
+  """Bad BTX settings are refused by the config or by the checks of the stage kinds
+  (`registry.validate`, which runs before anything is written), naming the key."""
   config = btx.get_config()
   mutate(config)
   with pytest.raises(ConfigError) as info:
-    from_mapping(ExperimentConfig, config)
+    registry.validate(from_mapping(ExperimentConfig, config))
   assert info.value.key == key
   assert fragment in str(info.value)
 
 
 @pytest.mark.parametrize("platform", ["tpu_v5p_128", "gpu_8"])
 def test_paper_scale_btx_config_is_the_papers_model(platform):
-  from jbtx.btx import stages
-
   config = from_mapping(ExperimentConfig, llama2_7b_btx.get_config(platform))
   assert config.btx.expert_names == ("code", "math", "wiki", "seed")
   assert config.data.seq_len * config.data.batch_size == 4096 * 1024  # 4M-token batches
-  moe = stages.moe_model_config(config)
+  moe = experiments.moe_model_config(config)
   # BTX (Sukhbaatar et al. 2024): 19.7B parameters, 11.1B active with top-2 of 4.
   assert round(moe.num_params() / 1e9, 1) == 19.7
   assert round(moe.num_active_params() / 1e9, 1) == 11.1
-  finetune = stages.finetune_config(config)
+  finetune = experiments.finetune_config(config)
   assert finetune.optimizer.learning_rate == 1e-4 and finetune.optimizer.warmup_steps == 100
   assert finetune.data.domains["code"].weight == 40.31
 
@@ -206,14 +216,12 @@ def test_paper_scale_btx_config_is_the_papers_model(platform):
            "upcycle", "dense", "eval", "export"]),
 ])
 def test_each_baseline_config_runs_its_own_stages(experiment, names):
-  from jbtx.btx import stages
-
   config = from_mapping(ExperimentConfig, experiment.get_config())
-  assert stages.stage_names(config) == names
+  assert registry.stage_names(config) == names
   clustered = experiment.get_config()
   clustered.btm.clusters = 4
   if "btm" in clustered.btx.baselines and not clustered.btx.train_btx:
-    assert stages.stage_names(from_mapping(ExperimentConfig, clustered)) == [
+    assert registry.stage_names(from_mapping(ExperimentConfig, clustered)) == [
         "seed", "clusters", "cluster/0", "cluster/1", "cluster/2", "cluster/3", "eval"]
 
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from jbtx import checkpoint, convert
-from jbtx.interop.llama_hf import ConversionError
+from jbtx.interop import checkpoint, conversion
+from jbtx.interop.hf_tensor_map import ConversionError
 from tests import llama_fixtures as fx
 
 torch = fx.torch
@@ -19,7 +19,7 @@ def hf():
 
 
 def _import(source, output):
-  return convert.import_checkpoint(source, output, show_progress=False)
+  return conversion.import_checkpoint(source, output, show_progress=False)
 
 
 def _assert_fails(source, tmp_path, *fragments):

@@ -6,7 +6,7 @@ import socket
 import pytest
 
 from jbtx.config import DataConfig, from_mapping
-from jbtx.data import demo, pipeline
+from jbtx.data import demo, loader
 from jbtx.data.demo.splits import SPLITS
 
 DOMAINS = ("code", "math", "knowledge", "general")
@@ -80,11 +80,11 @@ def test_default_config_trains_on_the_four_demo_domains(built):
   config = from_mapping(DataConfig, {"data_dir": str(root), "seq_len": 64,
                                      "batch_size": 8})
   assert sorted(config.domains) == sorted(DOMAINS)
-  batch = next(pipeline.train_iterator(config, seed=0))
+  batch = next(loader.train_iterator(config, seed=0))
   assert batch["tokens"].shape == (8, 64) and (batch["segment_ids"] > 0).all()
   for domain in DOMAINS:
-    first = next(pipeline.eval_batches(config, "test", domain=domain))
+    first = next(loader.eval_batches(config, "test", domain=domain))
     assert (first["segment_ids"] > 0).any()
-  assert pipeline.eval_tasks(config, "math", "test") == demo.tasks("math", "test", root)
+  assert loader.eval_tasks(config, "math", "test") == demo.tasks("math", "test", root)
   with pytest.raises(ValueError, match="has no tasks"):
-    pipeline.eval_tasks(config, "code", "test")
+    loader.eval_tasks(config, "code", "test")

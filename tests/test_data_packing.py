@@ -5,7 +5,7 @@ import collections
 
 import numpy as np
 
-from jbtx.data import packing, pipeline
+from jbtx.data import loader, packing
 from jbtx.data.mixture import ShuffledOrder
 from tests.data_fixtures import BOS, EOS, files_config, lane_documents, take, texts
 
@@ -36,8 +36,8 @@ def _single_domain(tmp_path, n_docs=37, batch_size=4, seq_len=16):
 
 def test_every_token_appears_exactly_once_per_epoch(tmp_path):
   docs, config = _single_domain(tmp_path)
-  tokenizer = pipeline.make_tokenizer(config)
-  batches = take(pipeline.train_iterator(config, seed=3), 60)
+  tokenizer = loader.make_tokenizer(config)
+  batches = take(loader.train_iterator(config, seed=3), 60)
   order = ShuffledOrder(len(docs), seed=3, stream=0)
   first_epoch = []
   for lane in range(config.batch_size):
@@ -53,7 +53,7 @@ def test_every_token_appears_exactly_once_per_epoch(tmp_path):
 
 def test_no_attention_across_documents_and_positions_restart(tmp_path):
   _, config = _single_domain(tmp_path)
-  batches = take(pipeline.train_iterator(config, seed=0), 30)
+  batches = take(loader.train_iterator(config, seed=0), 30)
   for lane in range(config.batch_size):
     rows = [(b["tokens"][lane], b["segment_ids"][lane], b["positions"][lane])
             for b in batches]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jbtx.config import DataConfig, from_mapping, to_dict
-from jbtx.data import mixture, pipeline
+from jbtx.data import loader, mixture
 from tests.data_fixtures import BOS, files_config, take, texts
 
 KEYS = ("tokens", "segment_ids", "positions")
@@ -38,9 +38,9 @@ def test_every_epoch_is_a_fresh_permutation(n):
 
 def test_same_seed_same_batches_other_seed_other_batches(tmp_path):
   config = _three_domains(tmp_path)
-  first = take(pipeline.train_iterator(config, seed=1), 6)
-  _assert_same(first, take(pipeline.train_iterator(config, seed=1), 6))
-  other = take(pipeline.train_iterator(config, seed=2), 6)
+  first = take(loader.train_iterator(config, seed=1), 6)
+  _assert_same(first, take(loader.train_iterator(config, seed=1), 6))
+  other = take(loader.train_iterator(config, seed=2), 6)
   assert not all(np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(first, other,
                                                                           strict=True))
   assert first[0]["tokens"].shape == (8, 24) and first[0]["tokens"].dtype == np.int32
@@ -49,12 +49,12 @@ def test_same_seed_same_batches_other_seed_other_batches(tmp_path):
 @pytest.mark.parametrize("prefetch", [0, 3])
 def test_resume_continues_the_exact_stream(tmp_path, prefetch):
   config = _three_domains(tmp_path, prefetch=prefetch)
-  uninterrupted = take(pipeline.train_iterator(config, seed=5), 40)
-  before = pipeline.train_iterator(config, seed=5)
+  uninterrupted = take(loader.train_iterator(config, seed=5), 40)
+  before = loader.train_iterator(config, seed=5)
   head = take(before, 25)  # Several epochs of the smallest domain's lanes.
   state = json.loads(json.dumps(before.get_state()))
   before.close()
-  resumed = pipeline.train_iterator(config, seed=5)
+  resumed = loader.train_iterator(config, seed=5)
   next(resumed)  # Whatever it did before is overwritten.
   resumed.set_state(state)
   _assert_same(head + take(resumed, 15), uninterrupted)
@@ -63,8 +63,8 @@ def test_resume_continues_the_exact_stream(tmp_path, prefetch):
 
 def test_two_processes_split_each_global_batch(tmp_path):
   config = _three_domains(tmp_path, n_docs=200)  # No domain finishes an epoch.
-  single = take(pipeline.train_iterator(config, seed=0), 12)
-  shards = [pipeline.train_iterator(config, seed=0, process_index=p, process_count=2)
+  single = take(loader.train_iterator(config, seed=0), 12)
+  shards = [loader.train_iterator(config, seed=0, process_index=p, process_count=2)
             for p in range(2)]
   halves = [take(s, 12) for s in shards]
   for step, batch in enumerate(single):
@@ -77,12 +77,12 @@ def test_two_processes_split_each_global_batch(tmp_path):
   starts = [{t for b in h for t in _document_tags(b)} for h in halves]
   assert len(starts[0]) > 20 and len(starts[1]) > 20 and not starts[0] & starts[1]
   # The two processes' states together resume one process, or four.
-  merged = pipeline.merge_states([s.get_state() for s in shards])
-  resumed = pipeline.train_iterator(config, seed=0)
+  merged = loader.merge_states([s.get_state() for s in shards])
+  resumed = loader.train_iterator(config, seed=0)
   resumed.set_state(merged)
-  expected = take(pipeline.train_iterator(config, seed=0), 15)[12:]
+  expected = take(loader.train_iterator(config, seed=0), 15)[12:]
   _assert_same(take(resumed, 3), expected)
-  quarters = [pipeline.train_iterator(config, seed=0, process_index=p, process_count=4)
+  quarters = [loader.train_iterator(config, seed=0, process_index=p, process_count=4)
               for p in range(4)]
   for quarter in quarters:
     quarter.set_state(merged)
@@ -92,11 +92,11 @@ def test_two_processes_split_each_global_batch(tmp_path):
   with pytest.raises(ValueError, match="lacks the cursors"):
     resumed.set_state(shards[1].get_state())
   with pytest.raises(ValueError, match="share rows"):
-    pipeline.merge_states([merged, shards[1].get_state()])
+    loader.merge_states([merged, shards[1].get_state()])
   with pytest.raises(ValueError, match="differ in 'step': 12 vs 15"):
-    pipeline.merge_states([shards[0].get_state(), quarters[2].get_state()])
+    loader.merge_states([shards[0].get_state(), quarters[2].get_state()])
   with pytest.raises(ValueError, match="has seq_len 24, but this pipeline has 32"):
-    pipeline.train_iterator(_three_domains(tmp_path, n_docs=200, seq_len=32),
+    loader.train_iterator(_three_domains(tmp_path, n_docs=200, seq_len=32),
                             seed=0).set_state(merged)
 
 
@@ -109,7 +109,7 @@ def test_errors_in_the_prefetch_thread_reach_the_caller(tmp_path, monkeypatch):
     return choose(probabilities, seed, step, batch_size)
 
   monkeypatch.setattr(mixture, "choose_domains", failing)
-  it = pipeline.train_iterator(_three_domains(tmp_path, prefetch=2), seed=0)
+  it = loader.train_iterator(_three_domains(tmp_path, prefetch=2), seed=0)
   assert len(take(it, 3)) == 3
   for _ in range(2):
     with pytest.raises(RuntimeError, match="broken at step 3"):
@@ -133,7 +133,7 @@ def test_mixture_proportions_over_10k_sequences(tmp_path):
   config = files_config(tmp_path, {n: ([n * int(k) for k in lengths], w)
                                    for n, w in weights.items()},
                         batch_size=200, seq_len=32)
-  rows = np.concatenate([b["tokens"] for b in take(pipeline.train_iterator(config, seed=0),
+  rows = np.concatenate([b["tokens"] for b in take(loader.train_iterator(config, seed=0),
                                                    50)])
   assert len(rows) == 10_000
   # Each domain's text is one repeated letter; a row's first text byte names its domain.
@@ -167,7 +167,7 @@ def test_dynamic_reweighting_favours_domains_behind_their_reference(tmp_path):
   for domain in spec["domains"].values():
     domain["reference_loss"] = 2.0
   config = from_mapping(DataConfig, spec | {"reweighting": "loss", "prefetch": 2})
-  it = pipeline.train_iterator(config, seed=0)
+  it = loader.train_iterator(config, seed=0)
   take(it, 2)
   weights = it.update_weights({"a": 2.0, "b": 2.0, "c": 4.0})
   np.testing.assert_allclose(list(weights.values()), mixture.reweight(
@@ -175,7 +175,7 @@ def test_dynamic_reweighting_favours_domains_behind_their_reference(tmp_path):
   assert weights["c"] > 0.5
   state = it.get_state()
   after = take(it, 4)
-  resumed = pipeline.train_iterator(config, seed=0)
+  resumed = loader.train_iterator(config, seed=0)
   resumed.set_state(state)
   assert resumed.weights == weights
   _assert_same(take(resumed, 4), after)
@@ -185,16 +185,16 @@ def test_dynamic_reweighting_favours_domains_behind_their_reference(tmp_path):
 
 def test_eval_batches_cover_every_document_once_in_order(tmp_path):
   config = _three_domains(tmp_path, batch_size=4, seq_len=16)
-  tokenizer = pipeline.make_tokenizer(config)
+  tokenizer = loader.make_tokenizer(config)
   for domain, names in (("b", "b"), (None, "abc")):
-    batches = list(pipeline.eval_batches(config, "validation", domain=domain))
+    batches = list(loader.eval_batches(config, "validation", domain=domain))
     tokens = np.concatenate([b["tokens"][b["segment_ids"] > 0] for b in batches])
     expected = np.concatenate([tokenizer.encode(t, True, True) for n in names
                                for t in texts(n, 25 + 7 * "abc".index(n),
                                               seed="abc".index(n))])
     np.testing.assert_array_equal(tokens, expected)
     assert (batches[-1]["segment_ids"][-1] == 0).any()  # The tail is padded.
-  halves = [list(pipeline.eval_batches(config, "validation", process_index=p,
+  halves = [list(loader.eval_batches(config, "validation", process_index=p,
                                        process_count=2)) for p in range(2)]
   assert len(halves[0]) == len(halves[1]) == len(batches)
   for a, b, full in zip(*halves, batches, strict=True):

@@ -7,7 +7,7 @@ import pytest
 
 from jbtx.config import DataConfig, from_mapping
 from jbtx.config.data import DomainConfig
-from jbtx.data import pipeline, sources, tfds_builder
+from jbtx.data import loader, sources, tfds_builder
 from tests.data_fixtures import write_jsonl
 
 
@@ -65,16 +65,16 @@ def _domain_config(tmp_path, **domain) -> DataConfig:
 def test_errors_name_the_domain_and_split(tmp_path):
   config = _domain_config(tmp_path, source="files", splits={"train": str(tmp_path / "no*")})
   with pytest.raises(FileNotFoundError, match=r"domain 'web' \(train\): no files match"):
-    pipeline.train_iterator(config, seed=0)
+    loader.train_iterator(config, seed=0)
   with pytest.raises(ValueError, match=r"'data.domains.web.splits': no 'test' entry"):
-    next(pipeline.eval_batches(config, "test"))
+    next(loader.eval_batches(config, "test"))
 
 
 def test_unknown_tfds_dataset(tmp_path):
   config = _domain_config(tmp_path, source="tfds", name="no_such_dataset_xyz",
                           splits={"train": "train"})
   with pytest.raises(ValueError, match="unknown TFDS dataset 'no_such_dataset_xyz'"):
-    pipeline.train_iterator(config, seed=0)
+    loader.train_iterator(config, seed=0)
 
 
 def test_empty_tfds_split_names_the_dataset():
@@ -91,16 +91,16 @@ def test_files_prepared_once_into_array_record_and_read_through_tfds(tmp_path):
   config = _domain_config(tmp_path, source="files", splits=splits, prepare=True)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    batch = next(pipeline.train_iterator(config, seed=0))
+    batch = next(loader.train_iterator(config, seed=0))
     [prepared] = (tmp_path / "cache" / "tfds" / "jbtx_text").iterdir()
     stamp = (prepared / tfds_builder.VERSION / "dataset_info.json").stat().st_mtime_ns
-    held_out = list(pipeline.eval_batches(config, "validation"))
+    held_out = list(loader.eval_batches(config, "validation"))
     # Read by name like any TFDS dataset (source "tfds"); the preparation is reused.
     by_name = sources.tfds_source(f"jbtx_text/{prepared.name}", "train",
                                   str(tmp_path / "cache" / "tfds"), "text")
   assert (prepared / tfds_builder.VERSION / "dataset_info.json").stat().st_mtime_ns == stamp
   assert sorted(by_name[i] for i in range(len(by_name))) == [f"doc {i} ü" for i in range(7)]
-  tokenizer = pipeline.make_tokenizer(config)
+  tokenizer = loader.make_tokenizer(config)
   assert "doc " in tokenizer.decode(batch["tokens"][0])
   assert "".join(tokenizer.decode(row) for b in held_out for row in b["tokens"]) == "held out"
   with pytest.raises(ValueError, match="no feature 'body'"):

@@ -5,7 +5,7 @@ import pytest
 
 from jbtx.config import DataConfig, from_mapping
 from jbtx.config.data import TokenizerConfig
-from jbtx.data import pipeline, tokenizers
+from jbtx.data import loader, tokenizers
 
 CORPUS = ["the quick brown fox jumps over the lazy dog",
           "pack my box with five dozen liquor jugs",
@@ -82,7 +82,7 @@ def test_pipeline_packs_with_a_file_tokenizer(tmp_path, sentencepiece_model):
                         "txt_unit": "line"}},
       "tokenizer": {"type": "sentencepiece", "path": str(sentencepiece_model)},
       "seq_len": 16, "batch_size": 2, "data_dir": str(tmp_path / "cache")})
-  batch = next(pipeline.train_iterator(config, seed=0))
+  batch = next(loader.train_iterator(config, seed=0))
   assert batch["tokens"].max() < 60 and (batch["tokens"] == 1).any()
 
 
@@ -103,7 +103,7 @@ def test_a_file_that_is_not_a_tokenizer(tmp_path, kind, name, fragment):
 def test_a_tokenizer_larger_than_the_model_vocabulary_is_a_config_error(huggingface_json):
   from jbtx.config import ConfigError, ExperimentConfig
   from jbtx.models import presets
-  from jbtx.train import check_vocabulary
+  from jbtx.pipeline.runner import check_vocabulary
 
   config = from_mapping(ExperimentConfig, {
       "model": presets.config_dict("micro", max_seq_len=256),

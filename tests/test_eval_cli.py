@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 
 import jbtx
-from jbtx.btx import btm_eval, eval_stage
 from jbtx.config import ConfigError, EvalConfig, ExperimentConfig, from_mapping
-from jbtx.data import pipeline
-from jbtx.eval import likelihood
-from jbtx.eval.evaluate import evaluate, workdir_config
+from jbtx.data import loader
+from jbtx.eval import ensembles
+from jbtx.inference import likelihood
+from jbtx.methods import btm
+from jbtx.models.llama import Llama
+from jbtx.pipeline.stages.evaluation import evaluate_workdir, row_of
+from jbtx.pipeline.workdir import workdir_config
 from tests.training_runs import btx_run, run_env  # noqa: F401 (fixtures)
 
 
@@ -31,8 +34,8 @@ def _config(workdir, **eval_settings) -> ExperimentConfig:
 def _task_files(config, directory):
   """An exact-match file (demo math items) and a multiple-choice one (knowledge answers
   against another item's answer), as a user writes them."""
-  math = pipeline.eval_tasks(config.data, "math", "validation")[:3]
-  knowledge = pipeline.eval_tasks(config.data, "knowledge", "validation")[:4]
+  math = loader.eval_tasks(config.data, "math", "validation")[:3]
+  knowledge = loader.eval_tasks(config.data, "knowledge", "validation")[:4]
   sums = directory / "sums.jsonl"
   sums.write_text("".join(json.dumps(t) + "\n" for t in math))
   choices = directory / "capitals.jsonl"
@@ -63,7 +66,7 @@ def _independent_perplexity(config, directory, domain):
   """exp(mean NLL) over the valid targets of the domain's eval batches, from logits."""
   model, params = jbtx.load(directory)
   total = count = 0.0
-  for batch in itertools.islice(pipeline.eval_batches(config.data, "validation",
+  for batch in itertools.islice(loader.eval_batches(config.data, "validation",
                                                       domain=domain),
                                 config.train.eval_batches):
     logits = model.apply({"params": params}, jnp.asarray(batch["tokens"]),
@@ -81,7 +84,7 @@ def test_perplexity_and_task_files_match_independent_computations(btx_run, tmp_p
   config = _config(btx_run)
   sums, choices = _task_files(config, tmp_path)
   config = _config(btx_run, tasks=(str(sums), str(choices)), max_new_tokens=16)
-  output = evaluate(config, btx_run, "seed", tmp_path / "seed.json")
+  output = evaluate_workdir(config, btx_run, "seed", tmp_path / "seed.json")
   row = json.loads(output.read_text())["rows"]["seed"]
   for domain in ("code", "knowledge"):
     assert row["domains"][domain]["perplexity"] == pytest.approx(
@@ -90,7 +93,7 @@ def test_perplexity_and_task_files_match_independent_computations(btx_run, tmp_p
   assert row["tasks"]["sums"]["n"] == 3
 
   model, params = jbtx.load(btx_run / "seed")
-  tokenizer = pipeline.make_tokenizer(config.data)
+  tokenizer = loader.make_tokenizer(config.data)
   expected = []
   for line in choices.read_text().splitlines():
     item = json.loads(line)
@@ -113,32 +116,32 @@ def test_bad_stages_and_workdirs_are_named(btx_run, tmp_path):  # noqa: F811
   config = _config(btx_run)
   with pytest.raises(ConfigError, match=r"'upcycle' is not a model of this experiment.*"
                      r"seed, code, math, btx"):
-    evaluate(config, btx_run, "upcycle", None)
+    evaluate_workdir(config, btx_run, "upcycle", None)
   with pytest.raises(ConfigError, match=r"config key 'workdir'.*config\.json not found"):
     workdir_config(tmp_path)
   (tmp_path / "config.json").write_text(json.dumps({"seed": 0}))
   with pytest.raises(ConfigError, match="model"):
     workdir_config(tmp_path)
   with pytest.raises(ConfigError, match=r"'stage': expert/math not complete"):
-    evaluate(config, tmp_path, "math", None)
+    evaluate_workdir(config, tmp_path, "math", None)
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "x"}\n')
   with pytest.raises(ConfigError, match=r"eval\.tasks.*bad\.jsonl:1"):
-    evaluate(_config(btx_run, tasks=(str(bad),)), btx_run, "seed", tmp_path / "x.json")
+    evaluate_workdir(_config(btx_run, tasks=(str(bad),)), btx_run, "seed", tmp_path / "x.json")
   assert not (tmp_path / "x.json").exists()
-  assert eval_stage.row_of(config, "expert/code") == "code"
+  assert row_of(config, "expert/code") == "code"
 
 
 def test_btm_ensembles_score_task_files_and_cbtm_skips_multiple_choice(btx_run, tmp_path):  # noqa: F811
   sums, choices = _task_files(_config(btx_run), tmp_path)
   config = _config(btx_run, tasks=(str(sums), str(choices)), max_new_tokens=8)
   config = dataclasses.replace(config, btx=dataclasses.replace(config.btx, task_examples=0))
-  model_config, trees = btm_eval._host_members([btx_run / "expert" / d for d in ("code",
+  model_config, trees = ensembles._host_members([btx_run / "expert" / d for d in ("code",
                                                                                 "math")])
-  model, stacked = btm_eval.Llama(model_config), btm_eval.btm.stack_params(trees)
-  tasks = btm_eval._ensemble_tasks(config, model, stacked, top_k=1)
+  model, stacked = Llama(model_config), btm.stack_params(trees)
+  tasks = ensembles._ensemble_tasks(config, model, stacked, top_k=1)
   assert set(tasks) == {"sums", "capitals"}
   assert tasks["sums"]["n"] == 3 and tasks["capitals"]["n"] == 4
   assert np.all(np.isfinite(tasks["capitals"]["log_likelihoods"]))
   uniform = lambda texts: np.full((len(texts), 2), 0.5)
-  assert set(btm_eval._ensemble_tasks(config, model, stacked, 1, uniform)) == {"sums"}
+  assert set(ensembles._ensemble_tasks(config, model, stacked, 1, uniform)) == {"sums"}

@@ -10,10 +10,10 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jbtx import parallel
 from jbtx.config import MeshConfig
 from jbtx.models import presets
 from jbtx.models.moe import MoE
+from jbtx.runtime import sharding
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -39,11 +39,11 @@ def _value_and_grads(layer, mesh, boxed, x):
   c = np.cos(np.arange(x.size, dtype=np.float32)).reshape(x.shape)
 
   def loss(params, x):
-    with parallel.sharding_rules(mesh):
+    with sharding.sharding_rules(mesh):
       return jnp.sum(layer.apply({"params": params}, x) * c)
 
-  shardings = (parallel.param_shardings(boxed, mesh),
-               NamedSharding(mesh, P(parallel.BATCH_AXES)))
+  shardings = (sharding.param_shardings(boxed, mesh),
+               NamedSharding(mesh, P(sharding.BATCH_AXES)))
   params = nn.meta.unbox(boxed)
   fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), in_shardings=shardings)
   compiled = fn.lower(params, x).compile(FAST_COMPILE)
@@ -54,9 +54,9 @@ def _value_and_grads(layer, mesh, boxed, x):
 def test_expert_parallel_layer_equals_the_unsharded_layer(path, shape):
   layer = _layer(path)
   boxed, x = _inputs(layer)
-  one = parallel.make_mesh(MeshConfig(), jax.devices()[:1])
+  one = sharding.make_mesh(MeshConfig(), jax.devices()[:1])
   (want, want_grads), want_hlo = _value_and_grads(layer, one, boxed, x)
-  (got, got_grads), got_hlo = _value_and_grads(layer, parallel.make_mesh(MeshConfig(*shape)),
+  (got, got_grads), got_hlo = _value_and_grads(layer, sharding.make_mesh(MeshConfig(*shape)),
                                                boxed, x)
   assert "all-to-all" in got_hlo and "all-to-all" not in want_hlo
   np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jbtx import files
+from jbtx.runtime import files
 
 
 def test_json_replaces_the_file_whole(tmp_path):

@@ -16,13 +16,13 @@ from lm_eval.tasks import TaskManager
 
 import jbtx
 import jbtx.eval.harness  # registers the "jbtx" model
-from jbtx import parallel
 from jbtx.config import ExperimentConfig, MeshConfig, from_mapping
-from jbtx.data import pipeline
-from jbtx.eval import likelihood
-from jbtx.eval.evaluate import workdir_config
-from jbtx.eval.generate import generate_ragged
-from jbtx.eval.tasks import generate_continuations, score_tasks
+from jbtx.data import loader
+from jbtx.eval.tasks import generate_continuations, multiple_choice, score_tasks
+from jbtx.inference import likelihood
+from jbtx.inference.generate import generate_ragged
+from jbtx.pipeline.workdir import workdir_config
+from jbtx.runtime import sharding
 from tests.training_runs import btx_run, run_env  # noqa: F401 (fixtures)
 
 UTILS = """
@@ -32,6 +32,15 @@ from jbtx.eval.tasks import is_correct
 def process_results(doc, results):
   return {"exact_match": float(is_correct(doc, results[0]))}
 """
+
+MULTIPLE_CHOICE = """\
+      output_type: multiple_choice
+      doc_to_choice: "{{choices}}"
+      doc_to_target: "{{answer}}"
+      target_delimiter: ""
+      metric_list:
+        - metric: acc
+      """
 
 
 def _task(directory, name, data, body, text="prompt"):
@@ -50,19 +59,12 @@ def _task(directory, name, data, body, text="prompt"):
 
 def test_lm_eval_scores_local_tasks_as_jbtx_does(btx_run, tmp_path):  # noqa: F811
   config = from_mapping(ExperimentConfig, workdir_config(btx_run))
-  math = pipeline.eval_tasks(config.data, "math", "validation")[:3]
-  knowledge = pipeline.eval_tasks(config.data, "knowledge", "validation")[:3]
+  math = loader.eval_tasks(config.data, "math", "validation")[:3]
+  knowledge = loader.eval_tasks(config.data, "knowledge", "validation")[:3]
   others = knowledge[1:] + knowledge[:1]
   choices = [{"prompt": t["prompt"], "choices": [" " + t["answer"], " " + o["answer"], " no"],
               "answer": i % 3} for i, (t, o) in enumerate(zip(knowledge, others, strict=True))]
-  _task(tmp_path, "jbtx_choices", choices, """\
-      output_type: multiple_choice
-      doc_to_choice: "{{choices}}"
-      doc_to_target: "{{answer}}"
-      target_delimiter: ""
-      metric_list:
-        - metric: acc
-      """)
+  _task(tmp_path, "jbtx_choices", choices, MULTIPLE_CHOICE)
   (tmp_path / "utils.py").write_text(UTILS)
   _task(tmp_path, "jbtx_math", math, """\
       output_type: generate_until
@@ -77,7 +79,7 @@ def test_lm_eval_scores_local_tasks_as_jbtx_does(btx_run, tmp_path):  # noqa: F8
           aggregation: mean
           higher_is_better: true
       """)
-  code = pipeline.open_source(config.data, "code", "validation")
+  code = loader.open_source(config.data, "code", "validation")
   documents = [{"text": code[0][:40]}, {"text": "".join(code[i] for i in range(8))[:700]}]
   _task(tmp_path, "jbtx_rolling", documents, """\
       output_type: loglikelihood_rolling
@@ -91,10 +93,10 @@ def test_lm_eval_scores_local_tasks_as_jbtx_does(btx_run, tmp_path):  # noqa: F8
       task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
 
   model, params = jbtx.load(btx_run / "seed")
-  tokenizer = pipeline.make_tokenizer(config.data)
-  mesh = parallel.make_mesh(MeshConfig())
+  tokenizer = loader.make_tokenizer(config.data)
+  mesh = sharding.make_mesh(MeshConfig())
   score = likelihood.make_scorer(model, jax.device_put(params), mesh)
-  ours = likelihood.multiple_choice(score, tokenizer, choices, batch_size=8, max_len=256)
+  ours = multiple_choice(score, tokenizer, choices, batch_size=8, max_len=256)
   samples = sorted(results["samples"]["jbtx_choices"], key=lambda s: s["doc_id"])
   theirs = [[float(r[0][0]) for r in s["resps"]] for s in samples]
   np.testing.assert_allclose(theirs, ours["log_likelihoods"], rtol=1e-6, atol=1e-6)
@@ -133,14 +135,7 @@ def _windowed_log_likelihood(model, params, ids: list[int]) -> float:
 
 def test_the_command_line_is_lm_evals_with_the_model_registered(btx_run, tmp_path, capsys):  # noqa: F811
   _task(tmp_path, "jbtx_yes_no", [{"prompt": "Is the sky blue?", "choices": [" yes", " no"],
-                                   "answer": 0}], """\
-      output_type: multiple_choice
-      doc_to_choice: "{{choices}}"
-      doc_to_target: "{{answer}}"
-      target_delimiter: ""
-      metric_list:
-        - metric: acc
-      """)
+                                   "answer": 0}], MULTIPLE_CHOICE)
   jbtx.eval.harness.main(["--model_args", f"workdir={btx_run},stage=seed", "--tasks",
                           "jbtx_yes_no", "--include_path", str(tmp_path)])
   printed = capsys.readouterr().out

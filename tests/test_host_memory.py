@@ -1,4 +1,4 @@
-"""`jbtx.host_memory`: freed large blocks are reused instead of page-faulted in again."""
+"""`jbtx.runtime.host_memory`: freed large blocks are reused instead of page-faulted in again."""
 
 import ctypes.util
 import platform
@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from jbtx import host_memory
+from jbtx.runtime import host_memory
 
 # On a thread other than the main one, as XLA:CPU runs executables: mallocs, fills and
 # frees an 80 MiB block six times and prints the minor page faults of the last five,
@@ -16,7 +16,7 @@ from jbtx import host_memory
 # afresh, none if freed blocks are reused.
 _SCRIPT = textwrap.dedent("""
     import ctypes, ctypes.util, resource, sys, threading
-    from jbtx import host_memory
+    from jbtx.runtime import host_memory
     if sys.argv[1] == "reuse":
       assert host_memory.reuse_freed_blocks()
     libc = ctypes.CDLL(ctypes.util.find_library("c"))

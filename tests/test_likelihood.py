@@ -5,12 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jbtx import parallel
 from jbtx.config import MeshConfig
 from jbtx.data.tokenizers import ByteTokenizer
-from jbtx.eval import likelihood
+from jbtx.eval.tasks import multiple_choice
+from jbtx.inference import likelihood
 from jbtx.models import presets
 from jbtx.models.llama import Llama, init_params
+from jbtx.runtime import sharding
 
 TOKENIZER = ByteTokenizer()
 
@@ -34,7 +35,7 @@ def _reference(model, params, ids: list[int], n_continuation: int) -> tuple[floa
 
 def test_pairs_score_like_one_forward_each_in_any_batch(model_and_params):
   model, params = model_and_params
-  mesh = parallel.make_mesh(MeshConfig(data=-1))
+  mesh = sharding.make_mesh(MeshConfig(data=-1))
   score = likelihood.make_scorer(model, params, mesh)
   texts = [("The sky is", " blue"), ("2 + 2 =", " 4"), ("", "hello"),
            ("A longer context that fills more of it", " than the others")]
@@ -54,7 +55,7 @@ def test_pairs_score_like_one_forward_each_in_any_batch(model_and_params):
 
 def test_a_long_pair_keeps_its_last_ids_and_an_impossible_one_is_refused(model_and_params):
   model, params = model_and_params
-  score = likelihood.make_scorer(model, params, parallel.make_mesh(MeshConfig(data=-1)))
+  score = likelihood.make_scorer(model, params, sharding.make_mesh(MeshConfig(data=-1)))
   context, continuation = list(range(10, 90)), [5, 6, 7]
   (value, _), = likelihood.pair_log_likelihoods(score, [(context, continuation)], 8, 64, 0)
   ids = [*context, *continuation][-64:]
@@ -73,10 +74,10 @@ def test_trailing_context_whitespace_moves_to_the_continuation():
 
 def test_multiple_choice_picks_the_likeliest_choice(model_and_params):
   model, params = model_and_params
-  score = likelihood.make_scorer(model, params, parallel.make_mesh(MeshConfig(data=-1)))
+  score = likelihood.make_scorer(model, params, sharding.make_mesh(MeshConfig(data=-1)))
   items = [{"prompt": "The sky is", "choices": [" blue", " green", " a"], "answer": 0},
            {"prompt": "1 + 1 =", "choices": [" 2", " 11"], "answer": 1}]
-  result = likelihood.multiple_choice(score, TOKENIZER, items, batch_size=8, max_len=64)
+  result = multiple_choice(score, TOKENIZER, items, batch_size=8, max_len=64)
   expected = []
   for item in items:
     values = []

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jbtx.eval import generate as gen
+from jbtx.inference import generate as gen
 from jbtx.models import layers, presets
 from jbtx.models.llama import Llama, abstract_params, init_params
 from tests.decoding import decode_in_steps

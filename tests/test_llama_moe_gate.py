@@ -10,11 +10,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from scipy.stats import norm
 
-from jbtx import parallel
 from jbtx.config import ConfigError, MeshConfig, ModelConfig, MoEConfig
 from jbtx.models import llama, routing
 from jbtx.models.layers import MLP
 from jbtx.models.moe import MoE
+from jbtx.runtime import sharding
 from jbtx.training.optimizer import parameter_group
 
 E, K, D, F = 8, 2, 16, 24
@@ -221,8 +221,8 @@ def test_noisy_gate_params_count_shard_and_train_as_router():
   assert config.num_params() - linear.num_params() == 2 * (D * E + E * E)
   assert config.num_active_params() - linear.num_active_params() == 2 * (D * E + E * E)
   moe = abstract["layers"]["moe"]
-  mesh = parallel.make_mesh(MeshConfig(1, 2, 4, 1))
-  specs = parallel.param_shardings(moe, mesh)
+  mesh = sharding.make_mesh(MeshConfig(1, 2, 4, 1))
+  specs = sharding.param_shardings(moe, mesh)
   assert specs["router_hidden"].spec == P(None, None, "expert")  # replicated on its input
   assert specs["router_noise"].spec == P(None, "fsdp", "expert")
   groups = {name: parameter_group(("params", "layers", "moe", name)) for name in moe}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import jbtx
-from jbtx import convert
+from jbtx.interop import conversion
 from tests import llama_fixtures as fx
 
 TOL = 1e-4  # max abs logit difference, float32
@@ -19,7 +19,7 @@ def test_import_from_hf_matches_transformers(tmp_path, shape, scan_layers):
   shard_size = "1GB" if scan_layers else "60KB"
   source = fx.save_hf(hf, tmp_path / "hf", max_shard_size=shard_size)
   assert (source / "model.safetensors.index.json").is_file() != scan_layers
-  convert.import_checkpoint(source, tmp_path / "jbtx", scan_layers=scan_layers,
+  conversion.import_checkpoint(source, tmp_path / "jbtx", scan_layers=scan_layers,
                             show_progress=False)
   model, params = jbtx.load(tmp_path / "jbtx")
   logits = np.asarray(model.apply({"params": params}, tokens))
@@ -31,7 +31,7 @@ def test_import_from_hf_matches_transformers(tmp_path, shape, scan_layers):
 def test_import_from_meta_shards_matches_transformers(tmp_path, shape):
   hf = fx.hf_model(shape, seed=1)
   tokens = fx.random_tokens(shape["vocab_size"], seed=1)
-  cfg = convert.import_checkpoint(fx.save_meta(hf, tmp_path / "meta", n_shards=2),
+  cfg = conversion.import_checkpoint(fx.save_meta(hf, tmp_path / "meta", n_shards=2),
                                   tmp_path / "jbtx", show_progress=False)
   assert cfg.d_ff == shape["intermediate_size"] and cfg.rope_theta == shape["rope_theta"]
   model, params = jbtx.load(tmp_path / "jbtx")
@@ -42,10 +42,10 @@ def test_import_from_meta_shards_matches_transformers(tmp_path, shape):
 def test_export_round_trip_loads_in_transformers(tmp_path):
   hf = fx.hf_model(fx.GQA, seed=2)
   tokens = fx.random_tokens(fx.GQA["vocab_size"], seed=2)
-  convert.import_checkpoint(fx.save_hf(hf, tmp_path / "hf"), tmp_path / "jbtx",
+  conversion.import_checkpoint(fx.save_hf(hf, tmp_path / "hf"), tmp_path / "jbtx",
                             show_progress=False)
   # A tiny shard limit forces a sharded export with an index file.
-  convert.export_checkpoint(tmp_path / "jbtx", tmp_path / "out", show_progress=False,
+  conversion.export_checkpoint(tmp_path / "jbtx", tmp_path / "out", show_progress=False,
                             max_shard_bytes=40_000)
   assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
   reloaded = fx.transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -59,7 +59,7 @@ def test_export_round_trip_loads_in_transformers(tmp_path):
 def test_bfloat16_import_stores_bfloat16(tmp_path):
   hf = fx.hf_model(fx.MHA)
   tokens = fx.random_tokens(fx.MHA["vocab_size"])
-  cfg = convert.import_checkpoint(fx.save_hf(hf, tmp_path / "hf"), tmp_path / "jbtx",
+  cfg = conversion.import_checkpoint(fx.save_hf(hf, tmp_path / "hf"), tmp_path / "jbtx",
                                   dtype="bfloat16", show_progress=False)
   assert cfg.param_dtype == "bfloat16"
   model, params = jbtx.load(tmp_path / "jbtx")

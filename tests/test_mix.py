@@ -1,4 +1,4 @@
-"""BTX mixing: N dense models -> one MoE (`jbtx.btx.mix`), its sources and router init.
+"""BTX mixing: N dense models -> one MoE (`jbtx.methods.mix`), its sources and router init.
 
 Everything runs in float32 with "highest" matmul precision (conftest). Tolerances:
 parameter averages rtol 1e-6 (float32 accumulation of 3 terms, a few ulp) with atol 1e-7
@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jbtx import checkpoint
-from jbtx.btx import mix, router_init
-from jbtx.btx.sources import CheckpointSource, TreeSource
 from jbtx.config import ModelConfig, MoEConfig
+from jbtx.interop import checkpoint
+from jbtx.interop.tensor_source import CheckpointSource, TreeSource
+from jbtx.methods import mix, router_init
 from jbtx.models import presets
 from jbtx.models.layers import MLP
 from jbtx.models.llama import Llama, abstract_params, init_params, unstack_layers

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jbtx import parallel
 from jbtx.config import MeshConfig, MoEConfig, OptimizerConfig
 from jbtx.models import presets
 from jbtx.models.llama import Llama, init_params
 from jbtx.models.moe import aux_loss, collect_moe_stats, collect_router_logits
+from jbtx.runtime import sharding
 from jbtx.training.optimizer import make_optimizer, parameter_group
 from jbtx.training.step import TrainState, make_train_step
 from tests.decoding import decode_in_steps
@@ -27,7 +27,7 @@ def _tokens(cfg, shape=(2, 12), seed=0):
 
 
 def _one_device():
-  return parallel.make_mesh(MeshConfig(), jax.devices()[:1])
+  return sharding.make_mesh(MeshConfig(), jax.devices()[:1])
 
 
 def _unstack(params, n):

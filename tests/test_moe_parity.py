@@ -11,10 +11,9 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import jbtx
-from jbtx import checkpoint, convert
 from jbtx.config import ModelConfig, MoEConfig
-from jbtx.interop import hf_llama
-from jbtx.interop.llama_hf import ConversionError
+from jbtx.interop import checkpoint, conversion, hf_folder
+from jbtx.interop.hf_tensor_map import ConversionError
 from jbtx.models import llama, routing
 from jbtx.models.moe import collect_router_logits
 from tests import llama_fixtures as fx
@@ -80,7 +79,7 @@ def test_import_matches_transformers(tmp_path, hf_models, name, scan_layers):
   # transformers 5 holds experts fused but saves them per expert.
   expert = "block_sparse_moe.experts.4.w3" if name == "mixtral" else "mlp.experts.6.up_proj"
   assert f"model.layers.2.{expert}.weight" in _expert_tensor_names(source)
-  cfg = convert.import_checkpoint(source, tmp_path / "jbtx", scan_layers=scan_layers,
+  cfg = conversion.import_checkpoint(source, tmp_path / "jbtx", scan_layers=scan_layers,
                                   show_progress=False)
   mixtral = name == "mixtral"
   assert cfg.moe == MoEConfig(
@@ -105,12 +104,12 @@ def test_import_fused_experts(tmp_path, hf_models, name):
   tokens = fx.random_tokens(SHAPES[name]["vocab_size"], seed=1)
   source = _save_fused(hf, tmp_path / "fused")
   assert "model.layers.0.mlp.experts.gate_up_proj" in _expert_tensor_names(source)
-  cfg = convert.import_checkpoint(source, tmp_path / "jbtx", show_progress=False)
+  cfg = conversion.import_checkpoint(source, tmp_path / "jbtx", show_progress=False)
   assert cfg.moe.renormalize
   logits, *_, params = _jbtx_forward(tmp_path / "jbtx", tokens)
   np.testing.assert_allclose(logits, _hf_forward(hf, tokens)[0], atol=TOL, rtol=0)
   # The same parameters as from the per-expert save.
-  convert.import_checkpoint(fx.save_hf(hf, tmp_path / "hf"), tmp_path / "jbtx_per_expert",
+  conversion.import_checkpoint(fx.save_hf(hf, tmp_path / "hf"), tmp_path / "jbtx_per_expert",
                             show_progress=False)
   _assert_trees_equal(params, checkpoint.load_params(tmp_path / "jbtx_per_expert"))
 
@@ -119,10 +118,10 @@ def test_import_fused_experts(tmp_path, hf_models, name):
 def test_export_round_trip_loads_in_transformers(tmp_path, hf_models, name):
   hf = hf_models[name]
   tokens = fx.random_tokens(SHAPES[name]["vocab_size"], seed=2)
-  cfg = convert.import_checkpoint(fx.save_hf(hf, tmp_path / "hf"), tmp_path / "jbtx",
+  cfg = conversion.import_checkpoint(fx.save_hf(hf, tmp_path / "hf"), tmp_path / "jbtx",
                                   show_progress=False)
   # A tiny shard limit forces a sharded export with an index file.
-  out = convert.export_checkpoint(tmp_path / "jbtx", tmp_path / "out", show_progress=False,
+  out = conversion.export_checkpoint(tmp_path / "jbtx", tmp_path / "out", show_progress=False,
                                   max_shard_bytes=100_000)
   assert (out / "model.safetensors.index.json").is_file()
   assert all(".experts.gate_up_proj" not in n for n in _expert_tensor_names(out))
@@ -132,7 +131,7 @@ def test_export_round_trip_loads_in_transformers(tmp_path, hf_models, name):
   np.testing.assert_allclose(_hf_forward(reloaded, tokens)[0], logits, atol=TOL, rtol=0)
   np.testing.assert_array_equal(_hf_forward(reloaded, tokens)[0], _hf_forward(hf, tokens)[0])
   # Importing the export gives back the same model.
-  assert convert.import_checkpoint(out, tmp_path / "again", show_progress=False) == cfg
+  assert conversion.import_checkpoint(out, tmp_path / "again", show_progress=False) == cfg
   _assert_trees_equal(checkpoint.load_params(tmp_path / "again"),
                       checkpoint.load_params(tmp_path / "jbtx"))
 
@@ -162,7 +161,7 @@ def _save_native(cfg: ModelConfig, directory):
 def test_export_of_jbtx_moe_matches(tmp_path, qk_norm, moe, architecture, renormalize):
   cfg = _native_moe(qk_norm, **moe)
   tokens = fx.random_tokens(cfg.vocab_size, seed=3)
-  out = convert.export_checkpoint(_save_native(cfg, tmp_path / "jbtx"), tmp_path / "out",
+  out = conversion.export_checkpoint(_save_native(cfg, tmp_path / "jbtx"), tmp_path / "out",
                                   show_progress=False)
   config = json.loads((out / "config.json").read_text())
   assert config["architectures"] == [architecture]
@@ -179,7 +178,7 @@ def test_export_of_jbtx_moe_matches(tmp_path, qk_norm, moe, architecture, renorm
 
 def _assert_import_fails(source, tmp_path, *fragments):
   with pytest.raises(ConversionError) as info:
-    convert.import_checkpoint(source, tmp_path / "out", show_progress=False)
+    conversion.import_checkpoint(source, tmp_path / "out", show_progress=False)
   for fragment in fragments:
     assert fragment in str(info.value)
   assert not (tmp_path / "out").exists()
@@ -232,12 +231,12 @@ def test_unsupported_config(tmp_path, hf_models, name, changes, fragments):
 ], ids=["every", "shared", "switch", "no_renormalize", "dense_qk_norm"])
 def test_export_rejects_what_hf_cannot_represent(cfg, fragment):
   with pytest.raises(ConversionError) as info:
-    hf_llama.hf_config_from_model(cfg, "float32")
+    hf_folder.hf_config_from_model(cfg, "float32")
   assert fragment in str(info.value)
 
 
 def test_failed_export_writes_nothing(tmp_path):
   source = _save_native(_native_moe(False, n_shared_experts=1), tmp_path / "jbtx")
   with pytest.raises(ConversionError, match="shared"):
-    convert.export_checkpoint(source, tmp_path / "out", show_progress=False)
+    conversion.export_checkpoint(source, tmp_path / "out", show_progress=False)
   assert not (tmp_path / "out").exists()

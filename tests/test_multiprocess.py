@@ -9,7 +9,7 @@ import subprocess
 import jax
 import numpy as np
 
-from jbtx import checkpoint
+from jbtx.interop import checkpoint
 from tests.training_runs import (
     final_params,
     run_env,  # noqa: F401 (fixture)

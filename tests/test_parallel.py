@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jbtx import parallel
 from jbtx.config import ConfigError, ExperimentConfig, MeshConfig, OptimizerConfig, from_mapping
 from jbtx.models import presets
 from jbtx.models.llama import Llama, abstract_params
+from jbtx.runtime import sharding
 from jbtx.training.optimizer import make_optimizer
 from jbtx.training.step import abstract_train_state, train_state_shardings
 
@@ -21,10 +21,10 @@ MODELS = pathlib.Path(__file__).parent.parent / "jbtx" / "models"
 
 
 def test_minus_one_fills_the_remaining_devices():
-  mesh = parallel.make_mesh(MeshConfig(data=-1, fsdp=2, tensor=2))
+  mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=2, tensor=2))
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
-  assert parallel.make_mesh(MeshConfig()).shape["data"] == 8
-  subset = parallel.make_mesh(MeshConfig(data=1, expert=-1), jax.devices()[:4])
+  assert sharding.make_mesh(MeshConfig()).shape["data"] == 8
+  subset = sharding.make_mesh(MeshConfig(data=1, expert=-1), jax.devices()[:4])
   assert dict(subset.shape) == {"data": 1, "fsdp": 1, "expert": 4, "tensor": 1}
 
 
@@ -36,7 +36,7 @@ def test_minus_one_fills_the_remaining_devices():
 ])
 def test_sizes_that_do_not_fit_the_devices_name_the_key(config, key, message):
   with pytest.raises(ConfigError, match=message) as error:
-    parallel.make_mesh(config)
+    sharding.make_mesh(config)
   assert error.value.key == key
 
 
@@ -58,7 +58,7 @@ def _logical_names(tree) -> set[str]:
 
 
 def test_every_logical_axis_of_the_models_has_a_rule():
-  ruled = {name for name, _ in parallel.AXIS_RULES}
+  ruled = {name for name, _ in sharding.AXIS_RULES}
   moe = presets.get("micro_moe", qk_norm=True)
   configs = [presets.get("micro"), dataclasses.replace(moe, scan_layers=False),
              dataclasses.replace(moe, moe=dataclasses.replace(moe.moe, every=2,
@@ -74,7 +74,7 @@ def test_every_logical_axis_of_the_models_has_a_rule():
 def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say():
   model = Llama(presets.get("micro_moe"))
   optimizer = make_optimizer(OptimizerConfig(freeze="experts"), 10)
-  mesh = parallel.make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
+  mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
   shardings = train_state_shardings(model, optimizer, mesh)
   params = shardings.params
   expected = {
@@ -103,19 +103,19 @@ def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say():
 
 
 def test_global_batch_is_split_over_the_batch_axes():
-  mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=2, expert=2))
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, expert=2))
   tokens = np.arange(8 * 6, dtype=np.int32).reshape(8, 6)
-  batch = parallel.global_batch(mesh, {"tokens": tokens})["tokens"]
+  batch = sharding.global_batch(mesh, {"tokens": tokens})["tokens"]
   assert batch.sharding.spec == P(("data", "fsdp", "expert"), None)
   assert {s.data.shape for s in batch.addressable_shards} == {(1, 6)}
   np.testing.assert_array_equal(batch, tokens)
   with pytest.raises(ConfigError, match="8 batch shards") as error:
-    parallel.global_batch(mesh, {"tokens": tokens[:6]})
+    sharding.global_batch(mesh, {"tokens": tokens[:6]})
   assert error.value.key == "data.batch_size"
 
 
 def test_a_dimension_the_mesh_axes_do_not_divide_stays_replicated():
-  mesh = parallel.make_mesh(MeshConfig(data=2, tensor=4))
-  assert parallel.logical_to_spec(("embed", "mlp"), (32, 72), mesh) == P(None, "tensor")
-  assert parallel.logical_to_spec(("embed", "mlp"), (32, 70), mesh) == P(None, None)
-  assert parallel.logical_to_spec(("act_batch", "act_length"), (8, 3), mesh) == P("data", None)
+  mesh = sharding.make_mesh(MeshConfig(data=2, tensor=4))
+  assert sharding.logical_to_spec(("embed", "mlp"), (32, 72), mesh) == P(None, "tensor")
+  assert sharding.logical_to_spec(("embed", "mlp"), (32, 70), mesh) == P(None, None)
+  assert sharding.logical_to_spec(("act_batch", "act_length"), (8, 3), mesh) == P("data", None)

@@ -13,20 +13,21 @@ import numpy as np
 import pytest
 
 from configs import btx
-from jbtx import checkpoint, parallel
 from jbtx.config import ConfigError, ExperimentConfig, from_mapping
+from jbtx.interop import checkpoint
+from jbtx.runtime import sharding
+from jbtx.runtime.signals import StopSignal
 from jbtx.training import loop
 from jbtx.training.checkpointing import TrainCheckpointer
-from jbtx.training.guards import StopSignal
 from jbtx.training.step import TrainState
 from tests.training_runs import (
-    STEPS,
-    final_params,
-    run_env,  # noqa: F401 (fixture)
-    train,
-    train_command,
-    uninterrupted_params,  # noqa: F401 (fixture)
-    uninterrupted_run,  # noqa: F401 (fixture)
+  STEPS,
+  final_params,
+  run_env,  # noqa: F401 (fixture)
+  train,
+  train_command,
+  uninterrupted_params,  # noqa: F401 (fixture)
+  uninterrupted_run,  # noqa: F401 (fixture)
 )
 
 
@@ -125,7 +126,7 @@ def test_consecutive_skipped_steps_stop_the_loop_with_a_clear_error(tmp_path):
   checkpointer = TrainCheckpointer(tmp_path, config.train)
   with pytest.raises(FloatingPointError, match=r"3 consecutive steps up to step 7 .*"
                      r"'train.max_skipped_steps' = 3.*stay as after step 4"):
-    loop.run_steps(config, tmp_path, "test", parallel.make_mesh(config.mesh),
+    loop.run_steps(config, tmp_path, "test", sharding.make_mesh(config.mesh),
                    (train_step, None), state, _Batches(), checkpointer, {}, StopSignal())
   checkpointer.close()
   assert ran == list(range(1, 9))  # The check lags one step behind the queued step.

@@ -10,7 +10,7 @@ import pytest
 
 from jbtx.config import MoEConfig
 from jbtx.data.tokenizers import ByteTokenizer
-from jbtx.eval import routing as analysis
+from jbtx.eval import routing_analysis as analysis
 from jbtx.models import presets
 from jbtx.models.llama import Llama, init_params
 

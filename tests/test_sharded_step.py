@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jbtx import parallel
 from jbtx.config import MeshConfig, OptimizerConfig
 from jbtx.models import presets
 from jbtx.models.llama import Llama
+from jbtx.runtime import sharding
 from jbtx.training.optimizer import make_optimizer
 from jbtx.training.step import (
-    abstract_train_state,
-    make_init,
-    make_train_step,
-    train_state_shardings,
+  abstract_train_state,
+  make_init,
+  make_train_step,
+  train_state_shardings,
 )
 
 LR = 1e-2
@@ -70,8 +70,8 @@ def _compiled_step(name, shape, accum=1):
   """The mesh of `shape` (one device for `()`), the train step of `name` compiled for
   it, and the step's StableHLO before partitioning (explicit collectives only)."""
   model, optimizer = _setup(name)
-  mesh = parallel.make_mesh(MeshConfig(*shape), jax.devices()[:1] if not shape else None)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parallel.batch_sharding(mesh))
+  mesh = sharding.make_mesh(MeshConfig(*shape), jax.devices()[:1] if not shape else None)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
            for k, v in _batch().items()}
   lowered = make_train_step(model, optimizer, mesh, accum).lower(
       abstract_train_state(model, optimizer, mesh), batch)
@@ -83,7 +83,7 @@ def _run(name, shape, state, batch, accum=1):
   model, optimizer = _setup(name)
   mesh, step, _ = _compiled_step(name, shape, accum)
   state = jax.device_put(state, train_state_shardings(model, optimizer, mesh))
-  new_state, metrics = step(state, parallel.global_batch(mesh, batch))
+  new_state, metrics = step(state, sharding.global_batch(mesh, batch))
   return jax.device_get(new_state), jax.device_get(metrics)
 
 
@@ -95,7 +95,7 @@ def _init(model, optimizer, mesh):
 def _reference(name):
   """(initial state, state after one step, metrics) on one device."""
   model, optimizer = _setup(name)
-  mesh = parallel.make_mesh(MeshConfig(), jax.devices()[:1])
+  mesh = sharding.make_mesh(MeshConfig(), jax.devices()[:1])
   before = jax.device_get(_init(model, optimizer, mesh))
   return (before, *_run(name, (), before, _batch()))
 
@@ -130,7 +130,7 @@ def test_sharded_expert_choice_step_equals_one_device():
 
 def test_init_is_born_sharded_and_mesh_independent():
   model, optimizer = _setup("mixed")
-  mesh = parallel.make_mesh(MeshConfig(1, 2, 2, 2))
+  mesh = sharding.make_mesh(MeshConfig(1, 2, 2, 2))
   state = _init(model, optimizer, mesh)
   gate = state.params["layers"]["block_1"]["moe"]["gate"]  # [layers, expert, embed, mlp]
   assert gate.sharding.spec == P(None, "expert", "fsdp", "tensor")

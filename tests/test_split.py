@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jbtx.btx import llama_moe, split
 from jbtx.config import ExperimentConfig, MoEConfig, from_mapping
+from jbtx.methods import split
 from jbtx.models import presets
 from jbtx.models.layers import MLP
 from jbtx.models.llama import Llama, init_params, unstack_layers
 from jbtx.models.moe import MoE
+from jbtx.pipeline.stages import llama_moe
 from jbtx.training.step import next_token_loss
 from tests import btx_short
 
@@ -87,7 +88,7 @@ def _dense_and_split(method: str, n_shared: int = 0):
   moe = MoEConfig(n_experts=8, top_k=8, d_ff=width, n_shared_experts=n_shared,
                   output_scale=8.0, router="noisy_mlp", load_balance="cv")
   config = dataclasses.replace(dense_config, moe=moe)
-  params = llama_moe.split_params(layers, config, partitions, seed=0)
+  params = split.split_params(layers, config, partitions, seed=0)
   return dense_config, dense, config, params
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from jbtx.data.tokenizers import ByteTokenizer
-from jbtx.eval import generate as gen
 from jbtx.eval import tasks
+from jbtx.inference import generate as gen
 from jbtx.models import presets
 from jbtx.models.llama import Llama, init_params
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jbtx.interop import tensor_files as tf
+from jbtx.interop.torch_files import TorchZipReader
 
 
 def _torch():
@@ -66,7 +67,7 @@ def test_torch_roundtrip(tmp_path, dtype_name):
              "scalar": _random(dtype, ()), "empty": torch.zeros((0, 3), dtype=dtype)}
   torch.save(tensors, tmp_path / "model.pth")
   with tf.open_tensor_file(tmp_path / "model.pth") as reader:
-    assert isinstance(reader, tf.TorchZipReader)
+    assert isinstance(reader, TorchZipReader)
     assert list(reader.infos()) == list(tensors)
     for name, tensor in tensors.items():
       info = reader.infos()[name]

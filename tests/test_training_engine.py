@@ -13,8 +13,8 @@ from etils import epath
 from configs import btx
 from jbtx.config import ConfigError, ExperimentConfig, TrainConfig, from_mapping
 from jbtx.config.distributed import DistributedConfig
-from jbtx.distributed import cluster_detected, should_initialize
 from jbtx.models import presets
+from jbtx.runtime.distributed import cluster_detected, should_initialize
 from jbtx.training import metrics
 from jbtx.training.checkpointing import ProcessJsonHandler, TrainCheckpointer
 from jbtx.training.reporting import format_line

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from configs import btx
-from jbtx.btx import stages
-from jbtx.btx.upcycle import upcycle_params
 from jbtx.config import ExperimentConfig, MoEConfig, from_mapping
+from jbtx.methods.upcycle import upcycle_params
 from jbtx.models import presets
 from jbtx.models.llama import Llama, init_params
-from jbtx.training.loop import compute
+from jbtx.pipeline import budgets, experiments, registry
+from jbtx.pipeline.budgets import compute
+from jbtx.pipeline.clusters import cluster_config
 from jbtx.training.metrics import train_flops_per_token
 
 
@@ -40,31 +41,31 @@ def test_baselines_get_btx_training_flops_to_within_one_step():
   config = btx.get_config()
   config.btx.baselines = ("upcycle", "dense")
   config = from_mapping(ExperimentConfig, config)
-  target = stages.btx_compute(config)["flops"]
+  target = budgets.btx_compute(config)["flops"]
   assert target == pytest.approx(
-      sum(compute(stages.expert_config(config, d))["flops"] for d in config.btx.experts)
-      + compute(stages.finetune_config(config))["flops"])
+      sum(compute(experiments.expert_config(config, d))["flops"] for d in config.btx.experts)
+      + compute(experiments.finetune_config(config))["flops"])
   for name in ("upcycle", "dense"):
-    baseline = stages.baseline_config(config, name)
+    baseline = registry.kind(name).experiment(config, name)
     data = baseline.data
     step = train_flops_per_token(baseline.model, data.seq_len) * data.batch_size * data.seq_len
     assert abs(compute(baseline)["flops"] - target) <= step / 2
     assert baseline.data.domains["code"].weight == config.btx.finetune_weights["code"]
-  upcycled = stages.baseline_config(config, "upcycle").model
+  upcycled = registry.kind("upcycle").experiment(config, "upcycle").model
   assert upcycled.moe.n_experts == 4 and upcycled.moe.d_ff is None
-  assert stages.baseline_config(config, "dense").model == config.model
-  assert stages.stage_names(config)[-4:] == ["upcycle", "dense", "eval", "export"]
+  assert registry.kind("dense").experiment(config, "dense").model == config.model
+  assert registry.stage_names(config)[-4:] == ["upcycle", "dense", "eval", "export"]
 
 
 def test_cbtm_cluster_experts_together_get_btx_training_flops_to_within_one_step(tmp_path):
   config = btx.get_config()
   config.btm.clusters = 3
   config = from_mapping(ExperimentConfig, config)
-  parts = [stages.cluster_config(config, i, tmp_path) for i in range(3)]
+  parts = [cluster_config(config, i, tmp_path) for i in range(3)]
   steps = [p.train.steps for p in parts]
   assert max(steps) - min(steps) <= 1
   data = parts[0].data
   step = train_flops_per_token(config.model, data.seq_len) * data.batch_size * data.seq_len
   total = sum(compute(p)["flops"] for p in parts)
-  assert abs(total - stages.btx_compute(config)["flops"]) <= step / 2
+  assert abs(total - budgets.btx_compute(config)["flops"]) <= step / 2
   assert parts[1].data.domains["cluster1"].splits["train"] == str(tmp_path / "1.train.jsonl")

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from jbtx import checkpoint
+from jbtx.interop import checkpoint
 
 STEPS = 40
 DEVICES = 4

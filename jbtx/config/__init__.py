@@ -1,8 +1,9 @@
 """Typed, validated configuration, one module per concern.
 
 `base` holds the ConfigDict <-> dataclass machinery (`from_mapping`, `ConfigError`,
-`to_config_dict`); `model`, `data`, `optimizer`, `parallel` (the mesh), `training` and
-`experiment` hold the dataclasses. Import them from here:
+`to_config_dict`); `model`, `data`, `optimizer`, `mesh`, `training`, `distributed`, `evaluation`,
+the methods' groups (`btx`, `btm`, `upcycle`, `llama_moe`, `olmoe`) and `experiment`
+hold the dataclasses. Import them from here:
 `from jbtx.config import ExperimentConfig, from_mapping`.
 """
 
@@ -13,10 +14,12 @@ from jbtx.config.data import DataConfig
 from jbtx.config.evaluation import EvalConfig
 from jbtx.config.experiment import BYTE_VOCAB_SIZE, ExperimentConfig
 from jbtx.config.llama_moe import LlamaMoEConfig
+from jbtx.config.mesh import MESH_AXES, MeshConfig
 from jbtx.config.model import ModelConfig, MoEConfig
+from jbtx.config.olmoe import OLMoEConfig
 from jbtx.config.optimizer import OptimizerConfig
-from jbtx.config.parallel import MESH_AXES, MeshConfig
 from jbtx.config.training import TrainConfig
+from jbtx.config.upcycle import UpcycleConfig
 
 __all__ = [
     "BYTE_VOCAB_SIZE",
@@ -31,9 +34,11 @@ __all__ = [
     "MeshConfig",
     "MoEConfig",
     "ModelConfig",
+    "OLMoEConfig",
     "OptimizerConfig",
     "StageConfig",
     "TrainConfig",
+    "UpcycleConfig",
     "from_mapping",
     "to_config_dict",
     "to_dict",

@@ -53,8 +53,11 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | Any, key: str = "") -> 
     data: a mapping (dict or `ml_collections.ConfigDict`) with the field values.
     key: the dotted path of `data` in the full config, used in error messages.
 
+  A dataclass may list keys it no longer has in a class attribute `MOVED` (old name ->
+  the new key from the root); using one is an error that names the new key.
+
   Raises:
-    ConfigError: for unknown or missing keys, wrong types or invalid values.
+    ConfigError: for unknown, moved or missing keys, wrong types or invalid values.
   """
   if hasattr(data, "to_dict"):
     data = data.to_dict()
@@ -63,6 +66,10 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | Any, key: str = "") -> 
   hints = typing.get_type_hints(cls)
   fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
   unknown = sorted(set(data) - set(fields))
+  moved = getattr(cls, "MOVED", {})  # old key -> its new place, from the root
+  for name in unknown:
+    if name in moved:
+      raise ConfigError(_join(key, name), f"this key moved to '{moved[name]}'; set that instead")
   if unknown:
     raise ConfigError(_join(key, unknown[0]),
                       f"unknown key; valid keys are {', '.join(sorted(fields))}")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 from jbtx.config.base import require as _require
 from jbtx.config.model import MoEConfig
 
 MixFFN = Literal["experts", "blend", "split"]
 RouterInit = Literal["random", "hidden"]
-Baseline = Literal["btm", "upcycle", "dense", "llama_moe", "olmoe"]
 SEED_EXPERT = "seed"  # the name of the seed's FFN among the mixed experts
 
 
@@ -49,8 +48,9 @@ class BTXConfig:
     experts: domain name (a key of `data.domains`) -> its training stage; each expert
       starts from the seed's parameters with a fresh optimizer and trains on that
       domain alone.
-    only: run this one stage and exit ("expert/<domain>", "seed", "mix", "finetune",
-      "eval", "export"; "" = every stage that is not complete).
+    only: run this one stage and exit (a stage of the experiment: "seed",
+      "expert/<domain>", "mix", "finetune", a baseline's, "eval", "export"; "" = every
+      stage that is not complete).
     seed_as_expert: the seed's FFN is one more expert ("generalist", last).
     mix_weights: averaging weights of the non-FFN parameters, by expert name (and
       "seed"; a model not named gets 0); empty = uniform over the mixed models.
@@ -71,22 +71,19 @@ class BTXConfig:
     task_max_tokens: tokens generated per task item, by task domain (a math solution is
       worked out before its answer; a knowledge answer comes at once).
     export: write the final model in Hugging Face Mixtral format to `workdir/hf/`.
-    baselines: the methods evaluated beside BTX, from the same seed: "btm"
-      (Branch-Train-Merge on BTX's experts, or c-BTM's: `config.btm`), "upcycle" (sparse
-      upcycling: the seed's FFN copied into every expert, `btx.moe` routing) and
-      "dense" (the seed trained further); upcycle, dense and c-BTM's experts train on
-      the finetune mixture for BTX's training FLOPs (experts + finetune); "llama_moe"
-      (the seed's FFNs split into experts, `config.llama_moe`) likewise; "olmoe" (a
-      fine-grained MoE from scratch, `btx.olmoe`) for the seed's FLOPs plus BTX's.
+    baselines: the methods evaluated beside BTX, from the same seed, by stage kind
+      (`jbtx.pipeline.stages`): "btm" (Branch-Train-Merge on BTX's experts, or c-BTM's:
+      `config.btm`), "upcycle" (sparse upcycling: the seed's FFN copied into every
+      expert, `config.upcycle`), "dense" (the seed trained further), "llama_moe" (the
+      seed's FFNs split into experts, `config.llama_moe`), each trained on the finetune
+      mixture for BTX's training FLOPs (experts + finetune), and "olmoe" (a fine-grained
+      MoE from scratch, `config.olmoe`) for the seed's FLOPs plus BTX's.
     train_btx: run BTX's mix, finetune and export; False runs the baselines alone
       (BTX's expert and finetune stages still set their matched budget).
-    upcycle_every: the upcycled model has an MoE layer every this many layers (2 =
-      every other layer, as sparse upcycling's decoders; 1 = all, as BTX).
-    olmoe: the "olmoe" baseline's MoE layer, in the seed's decoder with QK-norm (OLMoE:
-      softmax over all experts, top-k without renormalisation, Switch-form load
-      balancing 0.01, z-loss 0.001); `d_ff` None = the seed's d_ff / top_k (the active
-      FFN as wide as the seed's).
   """
+
+  MOVED: ClassVar[dict[str, str]] = {"upcycle_every": "upcycle.every",
+                                     "olmoe": "olmoe.moe"}
 
   seed_checkpoint: str = ""
   experts: dict[str, StageConfig] = dataclasses.field(default_factory=dict)
@@ -106,12 +103,8 @@ class BTXConfig:
   task_max_tokens: dict[str, int] = dataclasses.field(
       default_factory=lambda: {"math": 160, "knowledge": 32})
   export: bool = True
-  baselines: tuple[Baseline, ...] = ()
+  baselines: tuple[str, ...] = ()
   train_btx: bool = True
-  upcycle_every: int = 1
-  olmoe: MoEConfig = dataclasses.field(default_factory=lambda: MoEConfig(
-      n_experts=16, top_k=4, routing="softmax_topk", renormalize=False,
-      load_balance="switch", load_balance_coef=0.01, router_z_coef=0.001))
 
   def __post_init__(self):
     _require(SEED_EXPERT not in self.experts, f"experts.{SEED_EXPERT}",
@@ -121,8 +114,6 @@ class BTXConfig:
              f"must be positive, got {self.split_chunks}")
     _require(self.router_init_batches > 0, "router_init_batches",
              f"must be positive, got {self.router_init_batches}")
-    _require(self.upcycle_every > 0, "upcycle_every",
-             f"must be positive, got {self.upcycle_every}")
     _require(len(set(self.baselines)) == len(self.baselines), "baselines",
              f"lists a baseline twice: {self.baselines}")
     _require(self.task_examples >= 0, "task_examples",

@@ -125,3 +125,9 @@ class DataConfig:
       missing = [n for n, d in self.domains.items() if d.reference_loss is None]
       _require(not missing, f"domains.{missing[0] if missing else ''}.reference_loss",
                "dynamic re-weighting needs a reference loss for every domain")
+
+  def single_domain(self, name: str, spec: DomainConfig | None = None) -> DataConfig:
+    """This data with one domain, `name`, alone and static: its own spec (or `spec`)
+    with weight 1 (an expert's, a cluster's or one domain's statistics)."""
+    spec = dataclasses.replace(spec or self.domains[name], weight=1.0)
+    return dataclasses.replace(self, domains={name: spec}, reweighting="none")

@@ -10,7 +10,7 @@ from jbtx.config.base import require as _require
 
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
-  """How to call `jax.distributed.initialize` (see `jbtx.distributed`).
+  """How to call `jax.distributed.initialize` (see `jbtx.runtime.distributed`).
 
   Attributes:
     initialize: "auto" joins when `coordinator_address` is set or the environment is

@@ -11,11 +11,13 @@ from jbtx.config.btx import BTXConfig
 from jbtx.config.data import DataConfig
 from jbtx.config.distributed import DistributedConfig
 from jbtx.config.evaluation import EvalConfig
-from jbtx.config.llama_moe import LlamaMoEConfig, expert_width
+from jbtx.config.llama_moe import LlamaMoEConfig
+from jbtx.config.mesh import MeshConfig
 from jbtx.config.model import ModelConfig
+from jbtx.config.olmoe import OLMoEConfig
 from jbtx.config.optimizer import OptimizerConfig
-from jbtx.config.parallel import MeshConfig
 from jbtx.config.training import TrainConfig, profile_window
+from jbtx.config.upcycle import UpcycleConfig
 
 BYTE_VOCAB_SIZE = 259  # jbtx.data.tokenizers.ByteTokenizer.vocab_size
 
@@ -33,11 +35,13 @@ class ExperimentConfig:
   distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
   btx: BTXConfig = dataclasses.field(default_factory=BTXConfig)
   btm: BTMConfig = dataclasses.field(default_factory=BTMConfig)
+  upcycle: UpcycleConfig = dataclasses.field(default_factory=UpcycleConfig)
   llama_moe: LlamaMoEConfig = dataclasses.field(default_factory=LlamaMoEConfig)
+  olmoe: OLMoEConfig = dataclasses.field(default_factory=OLMoEConfig)
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
   profile_steps: str = ""  # "FIRST,LAST": trace these steps (jbtx.training.profiling)
   dump_hlo: bool = False  # write the train step's HLO under <stage>/hlo/
-  reuse_host_memory: bool = True  # glibc keeps freed blocks for reuse (jbtx.host_memory)
+  reuse_host_memory: bool = True  # glibc keeps freed blocks for reuse (jbtx.runtime.host_memory)
 
   def __post_init__(self):
     try:
@@ -59,41 +63,11 @@ class ExperimentConfig:
              f"got {self.optimizer.grad_accum_steps}")
     if self.btx.experts:
       _check_btx(self)
-    stages = {"", "seed"} | (_btx_stages(self) if self.btx.experts else set())
-    _require(self.btx.only in stages, "btx.only",
-             f"must be one of {', '.join(sorted(s for s in stages if s))}, "
-             f"got {self.btx.only!r}")
-
-
-def _btx_stages(config: ExperimentConfig) -> set[str]:
-  """Every stage name `btx.only` may select (jbtx.btx.stages has their order)."""
-  clusters = config.btm.clusters
-  trained = {name for name in config.btx.baselines if name != "btm"}  # btm: eval only
-  return ({"mix", "finetune", "eval", "export", *trained}
-          | {f"expert/{name}" for name in config.btx.experts}
-          | ({"clusters", *(f"cluster/{i}" for i in range(clusters))} if clusters else set()))
-
-
-def _check_btm(config: ExperimentConfig) -> None:
-  """The BTM ensemble's top-k against its members (c-BTM's clusters or the experts)."""
-  members = config.btm.clusters or len(config.btx.expert_names)
-  for k in config.btm.top_k:
-    _require(k <= members, "btm.top_k",
-             f"{k} exceeds the ensemble's {members} experts, got {config.btm.top_k}")
-
-
-def _check_llama_moe(config: ExperimentConfig) -> None:
-  """The split's widths against the seed's FFN (`expert_width`)."""
-  llama_moe = config.llama_moe
-  try:
-    expert_width(config.model.d_ff, llama_moe.moe.n_experts, llama_moe.split,
-                 llama_moe.shared_experts)
-  except ValueError as e:
-    raise ConfigError("llama_moe.moe.n_experts", f"{e}, for the seed's FFN") from None
 
 
 def _check_btx(config: ExperimentConfig) -> None:
-  """The BTX settings that depend on the model and the data (see `BTXConfig`)."""
+  """The BTX settings that depend on the model and the data (see `BTXConfig`); each
+  method's own checks are its stage kind's (`jbtx.pipeline.registry.validate`)."""
   btx, model = config.btx, config.model
   _require(model.moe is None, "model.moe",
            "a BTX seed is a dense model (btx.experts is set); MoE layers come from the mix")
@@ -114,19 +88,10 @@ def _check_btx(config: ExperimentConfig) -> None:
     if spec.source == "demo" and spec.name in ("math", "knowledge") and btx.task_examples:
       _require(spec.name in btx.task_max_tokens, "btx.task_max_tokens",
                f"needs an entry for the demo task domain {spec.name!r}")
-  if "btm" in btx.baselines:
-    _check_btm(config)
-  if "llama_moe" in btx.baselines:
-    _check_llama_moe(config)
-  _require(not btx.seed_checkpoint or "olmoe" not in btx.baselines, "btx.baselines",
-           "olmoe trains from scratch for the seed's FLOPs plus BTX's, and a converted "
-           "seed (btx.seed_checkpoint) has no recorded training FLOPs")
   _require(btx.train_btx or btx.baselines, "btx.train_btx",
            "is False and btx.baselines is empty: there is nothing to run after the seed")
   _require(btx.moe.every == 1 and btx.moe.n_shared_experts == 0, "btx.moe.every",
            "BTX mixes every layer's FFN into routed experts (every = 1, no shared experts)")
-  _require(model.n_layers % btx.upcycle_every == 0, "btx.upcycle_every",
-           f"must divide model.n_layers ({model.n_layers}), got {btx.upcycle_every}")
   if btx.ffn == "split":
     _require(model.d_ff % btx.split_chunks == 0, "btx.split_chunks",
              f"must divide model.d_ff ({model.d_ff}), got {btx.split_chunks}")

@@ -37,7 +37,7 @@ def _llama_moe_layer() -> MoEConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaMoEConfig:
-  """The LLaMA-MoE baseline (`btx.baselines` lists "llama_moe"; `jbtx.btx.split`).
+  """The LLaMA-MoE baseline (`btx.baselines` lists "llama_moe"; `jbtx.methods.split`).
 
   Every FFN of the seed becomes an MoE layer whose experts are subsets of its neurons;
   the model is then trained further on the finetune mixture for BTX's training FLOPs.
@@ -46,10 +46,10 @@ class LlamaMoEConfig:
     split: "random" (IndependentRandom), "clustering" (IndependentClustering),
       "sharing_inner" or "sharing_inter" (shared neurons by importance).
     moe: the MoE layer; `d_ff`, `n_shared_experts` and `output_scale` are set by the
-      split (E experts of d_ff / E neurons, or as `jbtx.btx.split` says for sharing).
+      split (E experts of d_ff / E neurons, or as `jbtx.methods.split` says for sharing).
       Default: LLaMA-MoE's noisy MLP gate, top-2 of 8, balance loss 0.01·(CV² + CV²).
     shared_experts: sharing methods: how many expert widths of neurons are shared
-      (S in `jbtx.btx.split`); d_ff must divide into E + S groups.
+      (S in `jbtx.methods.split`); d_ff must divide into E + S groups.
     scale_outputs: multiply the routed experts' output by E/k (LLaMA-MoE; 4.0 for
       2-of-8); False leaves it at 1 (the ablation).
     importance_batches: training batches per domain over which the sharing methods

@@ -5,7 +5,7 @@ r"""`python -m jbtx.eval`: score the models of a workdir that `python -m jbtx.tr
 
 The experiment is the workdir's own (`config.json`, written by the training run), so
 the models are evaluated as the pipeline's eval stage evaluates them, by the same
-code (`jbtx.btx.eval_stage`): per-domain perplexity (dense, MoE and BTM ensembles),
+code (`jbtx.pipeline.stages.evaluation`): per-domain perplexity (dense, MoE and BTM ensembles),
 the demo math and knowledge tasks, the task files of `eval.tasks` (exact match or
 multiple choice, `jbtx.eval.task_files`), and routing statistics and plots for MoE
 models. `--stage` picks one model: a row of the results table (seed, an expert's
@@ -25,9 +25,10 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jbtx import distributed
 from jbtx.config import ConfigError, ExperimentConfig, from_mapping
-from jbtx.eval.evaluate import evaluate, workdir_config
+from jbtx.pipeline.stages.evaluation import evaluate_workdir
+from jbtx.pipeline.workdir import workdir_config
+from jbtx.runtime import distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir made by python -m jbtx.train.")
 _STAGE = flags.DEFINE_string("stage", None, "One model (e.g. finetune, seed, math, btm); "
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> None:
   try:
     config = from_mapping(ExperimentConfig, flags.FLAGS["config"].value)
     distributed.initialize(config.distributed)
-    output = evaluate(config, pathlib.Path(_WORKDIR.value).absolute(), _STAGE.value,
+    output = evaluate_workdir(config, pathlib.Path(_WORKDIR.value).absolute(), _STAGE.value,
                       pathlib.Path(_OUTPUT.value).absolute() if _OUTPUT.value else None)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)

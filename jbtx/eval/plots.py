@@ -1,4 +1,4 @@
-"""The BTX paper's routing plots from `jbtx.eval.routing` statistics, as PNG files.
+"""The BTX paper's routing plots from `jbtx.eval.routing_analysis` statistics, as PNG files.
 
     layer_loads(statistics)              per domain, a layers × experts heatmap of load
     domain_experts(statistics)           domains × experts, load averaged over layers
@@ -24,8 +24,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from jbtx import files
 from jbtx.data.tokenizers import Tokenizer
+from jbtx.runtime import files
 
 Statistics = Mapping[str, Mapping[str, np.ndarray]]  # domain -> name -> array
 TokenExperts = tuple[np.ndarray, np.ndarray, np.ndarray]  # ids [n], experts/gates [L, n, k]

@@ -5,7 +5,7 @@
 
 Exact-match items are continued greedily and the answer extracted from the output is
 compared after `jbtx.eval.tasks.normalize_answer`. Multiple-choice items are scored by
-the log-likelihood of each choice after the prompt (`jbtx.eval.likelihood`); a choice
+the log-likelihood of each choice after the prompt (`jbtx.inference.likelihood`); a choice
 carries its own leading space, as in lm-evaluation-harness. A file holds one kind.
 """
 

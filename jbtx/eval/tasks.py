@@ -1,11 +1,14 @@
-"""Exact-match scoring of generation tasks (`{"prompt", "answer"}`, as the demo data builds).
+"""Scoring tasks: exact match of generations, and multiple choice by log-likelihood.
 
     result = exact_match(model, params, tokenizer, tasks, max_new_tokens=64, batch_size=32)
     result["accuracy"]
+    multiple_choice(score, tokenizer, items, batch_size=16, max_len=256)["accuracy"]
 
 Each prompt is encoded with BOS (as training documents start), continued greedily
 until EOS or `max_new_tokens`, and the answer extracted from the continuation is
-compared with the task's answer after `normalize_answer` on both.
+compared with the task's answer after `normalize_answer` on both. A multiple-choice item
+(`{"prompt", "choices", "answer"}`) is right when its answer is the choice of highest
+log-likelihood after the prompt (`jbtx.inference.likelihood`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import numpy as np
 import tqdm
 
 from jbtx.data.tokenizers import Tokenizer
-from jbtx.eval.generate import generate_ragged
+from jbtx.inference.generate import generate_ragged
+from jbtx.inference.likelihood import Score, encode_pair, pair_log_likelihoods
 
 ANSWER_MARKER = "Answer:"
 _PROMPT_MULTIPLE = 32  # prompt lengths are padded up to a multiple of this (few shapes)
@@ -137,3 +141,27 @@ def score_tasks(generate: Generate, tokenizer: Tokenizer, tasks: Sequence[Mappin
               for t, out in zip(tasks[:3], outputs[:3], strict=True)]
   return {"accuracy": correct / len(tasks), "correct": correct, "n": len(tasks),
           "examples": examples}
+
+
+def multiple_choice(score: Score, tokenizer: Tokenizer, items: Sequence[Mapping[str, Any]],
+                    batch_size: int, max_len: int) -> dict[str, Any]:
+  """Accuracy of picking the most likely choice of each item (`jbtx.eval.task_files`).
+
+  Returns:
+    `{"accuracy", "accuracy_norm", "correct", "n", "log_likelihoods"}`: accuracy_norm
+    divides each choice's log-likelihood by its length in characters first (lm-eval's
+    acc_norm); log_likelihoods lists each item's per-choice values.
+  """
+  pairs = [encode_pair(tokenizer, item["prompt"], choice)
+           for item in items for choice in item["choices"]]
+  scores = iter(pair_log_likelihoods(score, pairs, batch_size, max_len, tokenizer.pad_id,
+                                     desc="multiple choice"))
+  per_item = [[next(scores)[0] for _ in item["choices"]] for item in items]
+  correct = sum(int(np.argmax(values)) == item["answer"]
+                for values, item in zip(per_item, items, strict=True))
+  correct_norm = sum(
+      int(np.argmax([v / len(c) for v, c in zip(values, item["choices"],
+                                                          strict=True)])) == item["answer"]
+      for values, item in zip(per_item, items, strict=True))
+  return {"accuracy": correct / len(items), "accuracy_norm": correct_norm / len(items),
+          "correct": correct, "n": len(items), "log_likelihoods": per_item}

@@ -19,7 +19,7 @@ import re
 import numpy as np
 
 from jbtx.config import ConfigError, ModelConfig
-from jbtx.interop.llama_hf import ConversionError
+from jbtx.interop.hf_tensor_map import ConversionError
 from jbtx.interop.tensor_files import TensorFileError, TensorReader, open_tensor_file
 
 # Meta name pattern -> (HF name template, shard concat axis or None if replicated).

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from jbtx.models.dispatch import Experts, sort_by_expert
 from jbtx.models.routing import Routing
-from jbtx.parallel import BATCH_AXES
+from jbtx.runtime.sharding import BATCH_AXES
 
 LocalDispatch = Callable[[jax.Array, Routing, Experts], jax.Array]
 

@@ -114,7 +114,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   Feature i of the first half of each head is rotated together with feature
   i + head_dim/2 by the angle `position * theta**(-2i/head_dim)`. This is the layout
   of Hugging Face's Llama (and GPT-NeoX); Meta's original checkpoints rotate adjacent
-  pairs instead, so their q/k projections are permuted on import (`interop/llama_hf`).
+  pairs instead, so their q/k projections are permuted on import (`interop/meta_llama`).
 
   Args:
     x: queries or keys `[batch, seq, heads, head_dim]`.

@@ -7,7 +7,7 @@ Block = x + Attention(RMSNorm(x)); x + MLP(RMSNorm(x)). Attention is grouped-que
 a segment mask so that no token attends across documents. The output layer is untied.
 
 Incremental decoding: a model built with `decode=True` keeps a key/value cache in the
-"cache" collection (see `jbtx.eval.generate`). Each call appends its tokens at the
+"cache" collection (see `jbtx.inference.generate`). Each call appends its tokens at the
 cache index and attends to everything cached so far.
 """
 
@@ -107,7 +107,7 @@ class Attention(nn.Module):
     """Writes `k, v [batch, q_len, kv, hd]` at the cache index; returns the full cache.
 
     The cache length is the sequence length of the input the cache was initialised
-    with (`jbtx.eval.generate.init_cache`). Returns cached keys and values
+    with (`jbtx.inference.generate.init_cache`). Returns cached keys and values
     `[batch, cache_len, kv, hd]` and the mask `[1, 1, q_len, cache_len]`.
     """
     is_initialized = self.has_variable("cache", "key")

@@ -18,35 +18,37 @@ from __future__ import annotations
 
 import pathlib
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from orbax.checkpoint import v1 as ocp_v1
 
-from jbtx import checkpoint, parallel
 from jbtx.config import ConfigError, ExperimentConfig, ModelConfig
 from jbtx.config.training import profile_window
-from jbtx.data import pipeline
+from jbtx.data import loader
+from jbtx.interop import checkpoint
 from jbtx.models.llama import Llama
+from jbtx.runtime import sharding
+from jbtx.runtime.distributed import log, sync_processes
+from jbtx.runtime.signals import Preempted, StopSignal
 from jbtx.training import metrics as metrics_lib
 from jbtx.training.checkpointing import TrainCheckpointer
-from jbtx.training.evaluation import evaluate, sample_text
-from jbtx.training.guards import SkipGuard, StopSignal
+from jbtx.training.guards import SkipGuard
 from jbtx.training.optimizer import make_optimizer
 from jbtx.training.profiling import ProfileWindow, dump_hlo
 from jbtx.training.reporting import Reporter
 from jbtx.training.step import (
-    TrainState,
-    abstract_train_state,
-    init_train_state,
-    make_eval_step,
-    make_train_step,
-    train_state_from_params,
+  TrainState,
+  abstract_train_state,
+  init_train_state,
+  make_eval_step,
+  make_train_step,
+  train_state_from_params,
 )
+from jbtx.training.validation import evaluate, sample_text
 
 InitialParams = Callable[[], Any] | None
 
@@ -55,28 +57,10 @@ TENSORBOARD_DIR = "tensorboard"
 HLO_DIR = "hlo"
 
 
-class Preempted(Exception):
-  """Training stopped on SIGTERM/SIGINT after checkpointing `step` (None: at the end of
-  the stage, between stages); a rerun resumes."""
-
-  def __init__(self, stage: str, step: int | None = None):
-    super().__init__(f"[{stage}] stopped by signal after step {step}; checkpoint saved, "
-                     "rerun the same command to resume" if step is not None else
-                     f"[{stage}] stopped by signal after the stage; rerun the same command "
-                     "to continue")
-    self.step = step
-
-
-def log(message: str) -> None:
-  """Prints on process 0 only."""
-  if jax.process_index() == 0:
-    print(message, flush=True)
-
-
 def _abstract_batch(config: ExperimentConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
   shape = (config.data.batch_size, config.data.seq_len)
-  sharding = parallel.batch_sharding(mesh)
-  return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+  rows = sharding.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
           for k in ("tokens", "segment_ids", "positions")}
 
 
@@ -134,7 +118,7 @@ def run_steps(config: ExperimentConfig, stage_dir: pathlib.Path, stage: str, mes
   try:
     for step in range(start + 1, steps + 1):
       profiler.before_step(step)
-      state, metrics = train_step(state, parallel.global_batch(mesh, next(data)))
+      state, metrics = train_step(state, sharding.global_batch(mesh, next(data)))
       if profiler.after_step(step, metrics):
         reporter.write(f"[{stage}] wrote a profile of steps {config.profile_steps} to {logdir}")
       if pending is not None:
@@ -161,12 +145,6 @@ def run_steps(config: ExperimentConfig, stage_dir: pathlib.Path, stage: str, mes
     profiler.stop(state)
     reporter.close()
   return state
-
-
-def sync_processes(name: str) -> None:
-  """Waits until every process reaches the barrier `name` (nothing with one process)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
 
 
 def publish(stage_dir: pathlib.Path, model_config: ModelConfig, params: Any,
@@ -207,7 +185,7 @@ def _start(config: ExperimentConfig, stage: str, model: Llama, optimizer: Any, m
     log(f"[{stage}] resuming from step {restored.step} ({path})"
         + (f", saved by {saved_by} processes" if saved_by != jax.process_count() else ""))
     try:
-      data.set_state(pipeline.merge_states(restored.data_states))
+      data.set_state(loader.merge_states(restored.data_states))
     except ValueError as e:  # e.g. data.batch_size or the domains changed since the save
       raise ConfigError("data", f"cannot resume from {path}: {e}") from None
     return restored.state, restored.record
@@ -227,36 +205,25 @@ def _stop_if_requested(stop: StopSignal, stage: str, state: TrainState) -> None:
     raise Preempted(stage, int(jax.device_get(state.step)))
 
 
-def compute(config: ExperimentConfig) -> dict[str, float]:
-  """Training tokens (all positions of the batches) and FLOPs of a stage's run."""
-  tokens = config.train.steps * config.data.batch_size * config.data.seq_len
-  flops = metrics_lib.train_flops_per_token(config.model, config.data.seq_len) * tokens
-  return {"tokens": tokens, "flops": flops}
-
-
-def total_compute(parts: Sequence[Mapping[str, float]]) -> dict[str, float]:
-  """The summed tokens and FLOPs of several stages' `compute`."""
-  return {"tokens": sum(p["tokens"] for p in parts), "flops": sum(p["flops"] for p in parts)}
-
-
 def train_stage(config: ExperimentConfig, stage_dir: pathlib.Path, stage: str,
-                stop: StopSignal, initial_params: InitialParams = None) -> dict[str, Any]:
+                stop: StopSignal, initial_params: InitialParams = None,
+                facts: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Trains `config.model` (resuming if possible) and publishes it as a jbtx checkpoint.
 
   Training starts from a random init, or from `initial_params()` (a parameter tree of
   `config.model`, called only when there is no checkpoint to resume). Returns the
-  metrics that are also recorded in the checkpoint's `jbtx.json`, with the stage's
-  training tokens and FLOPs under "compute".
+  metrics that are also recorded in the checkpoint's `jbtx.json`: steps, validation
+  before and after, the sample, and `facts` (e.g. the stage's training compute).
 
   Raises:
     Preempted: when `stop` was signalled before the publish began; the stage's latest
       checkpoint is saved (and complete) by then.
   """
   model = Llama(config.model)
-  mesh = parallel.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   optimizer = make_optimizer(config.optimizer, config.train.steps)
   eval_step = make_eval_step(model, mesh)
-  data = pipeline.train_iterator(config.data, seed=config.seed,
+  data = loader.train_iterator(config.data, seed=config.seed,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
   checkpointer = TrainCheckpointer(stage_dir / CHECKPOINTS_DIR, config.train)
@@ -279,7 +246,7 @@ def train_stage(config: ExperimentConfig, stage_dir: pathlib.Path, stage: str,
   sample = sample_text(model, state.params, config)
   _stop_if_requested(stop, stage, state)
   result = {"steps": config.train.steps, "validation_before": initial, "validation": final,
-            "sample": sample, "compute": compute(config)}
+            "sample": sample, **(facts or {})}
   log(f"[{stage}] validation loss {initial['loss']:.3f} -> {final['loss']:.3f} nats/token "
       f"({final['bits_per_token']:.3f} bits/token, perplexity {final['perplexity']:.2f}); "
       + ", ".join(f"{d} {v:.3f}" for d, v in final["domains"].items()))

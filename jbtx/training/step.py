@@ -1,10 +1,10 @@
 """The train state, the loss, and the sharded, jit-compiled train and eval steps.
 
 Every array of the state is born sharded (`init_train_state` runs the initialiser
-under `jax.jit` with `out_shardings`): parameters as `jbtx.parallel.AXIS_RULES` say,
+under `jax.jit` with `out_shardings`): parameters as `jbtx.runtime.sharding.AXIS_RULES` say,
 their optimizer moments like them, scalars replicated. The steps are `jax.jit`s with
 explicit in/out shardings; the train step donates the state. Model code traced by
-them sees the mesh and the rule table (`parallel.sharding_rules`).
+them sees the mesh and the rule table (`sharding.sharding_rules`).
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jbtx import parallel
 from jbtx.config import ConfigError
+from jbtx.models.forward import Batch, forward, valid_targets
 from jbtx.models.llama import abstract_params, init_params
-from jbtx.models.moe import aux_loss, collect_moe_stats
+from jbtx.models.moe import aux_loss
+from jbtx.runtime import sharding
 from jbtx.training.optimizer import current_learning_rate
-
-Batch = dict[str, jax.Array]
 
 
 @flax.struct.dataclass
@@ -57,34 +56,15 @@ def token_losses(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]
     batch: `tokens` and `segment_ids`, int `[batch, seq]`.
   """
   targets = batch["tokens"][:, 1:]
-  valid = _valid_targets(batch["segment_ids"])
+  valid = valid_targets(batch["segment_ids"])
   losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
   return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid)
-
-
-def _valid_targets(segment_ids: jax.Array) -> jax.Array:
-  """bool `[batch, seq - 1]`: target t + 1 continues the document of token t."""
-  return (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
 
 
 def next_token_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
   """Mean next-token cross-entropy over valid targets (see `token_losses`), and their count."""
   total, count = token_losses(logits, batch)
   return total / jnp.maximum(count, 1), count
-
-
-def forward(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None = None,
-             step: jax.Array | None = None):
-  """Logits and the per-layer MoE statistics (empty for a dense model).
-
-  `step` (the training step) drives schedules inside the model, e.g. the annealed
-  Gumbel temperature of "sample_top1" routing.
-  """
-  logits, state = model.apply(
-      {"params": params}, batch["tokens"], positions=batch["positions"],
-      segment_ids=batch["segment_ids"], step=step, mutable=["intermediates"],
-      rngs={"router": rng} if rng is not None else None)
-  return logits, collect_moe_stats(state.get("intermediates", {}))
 
 
 def _initial_state(model: nn.Module, optimizer: optax.GradientTransformation, seed: int):
@@ -103,7 +83,7 @@ def train_state_shardings(model: nn.Module, optimizer: optax.GradientTransformat
   """A TrainState of `NamedSharding`s: parameters by the rule table, optimizer
   moments like their parameters, everything else (counts, step, rng) replicated."""
   boxed = abstract_params(model)
-  params = parallel.param_shardings(boxed, mesh)
+  params = sharding.param_shardings(boxed, mesh)
   shapes = nn.meta.unbox(boxed)
   replicated = NamedSharding(mesh, P())
   by_path = {_param_path(path): (leaf.shape, sharding) for (path, leaf), sharding in zip(
@@ -199,7 +179,7 @@ def _micro_batches(batch: Batch, n: int) -> Batch:
     raise ConfigError("optimizer.grad_accum_steps",
                       f"must divide the global batch ({rows} rows), got {n}")
   split = lambda x: jnp.swapaxes(x.reshape(rows // n, n, *x.shape[1:]), 0, 1)
-  return {k: jax.lax.with_sharding_constraint(split(v), P(None, parallel.BATCH_AXES))
+  return {k: jax.lax.with_sharding_constraint(split(v), P(None, sharding.BATCH_AXES))
           for k, v in batch.items()}
 
 
@@ -236,11 +216,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
     return ce_sum / total + aux / n, (ce_sum, aux, count, stats)
 
   def gradients(params, batch, rng, step):
-    total = jnp.maximum(jnp.sum(_valid_targets(batch["segment_ids"])), 1)
+    total = jnp.maximum(jnp.sum(valid_targets(batch["segment_ids"])), 1)
     grad_fn = jax.grad(micro_loss, has_aux=True)
-    if n == 1:  # No scan: its carried accumulators would cost copies of every gradient.
-      grads, (ce_sum, aux, count, stats) = grad_fn(params, batch, rng, step, total)
-      return grads, ce_sum / total, aux, count, stats
     if n == 1:  # No scan: its carried accumulators would cost copies of every gradient.
       grads, (ce_sum, aux, count, stats) = grad_fn(params, batch, rng, step, total)
       return grads, ce_sum / total, aux, count, stats
@@ -259,7 +236,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
     return grads, jnp.sum(ce_sum) / total, jnp.mean(aux), jnp.sum(count), stats
 
   def train_step(state: TrainState, batch: Batch):
-    with parallel.sharding_rules(mesh):
+    with sharding.sharding_rules(mesh):
       rng = jax.random.fold_in(state.rng, state.step)
       grads, ce, aux, count, stats = gradients(state.params, batch, rng, state.step)
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -280,7 +257,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
     return new_state, metrics
 
   replicated = NamedSharding(mesh, P())
-  return jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
+  return jax.jit(train_step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, replicated), donate_argnums=0)
 
 
@@ -288,10 +265,10 @@ def make_eval_step(model: nn.Module, mesh: Mesh):
   """`(params, batch) -> (summed loss, target count)`, jit-compiled for `mesh`."""
 
   def eval_step(params, batch):
-    with parallel.sharding_rules(mesh):
+    with sharding.sharding_rules(mesh):
       return token_losses(forward(model, params, batch)[0], batch)
 
-  params = parallel.param_shardings(abstract_params(model), mesh)
+  params = sharding.param_shardings(abstract_params(model), mesh)
   replicated = NamedSharding(mesh, P())
-  return jax.jit(eval_step, in_shardings=(params, parallel.batch_sharding(mesh)),
+  return jax.jit(eval_step, in_shardings=(params, sharding.batch_sharding(mesh)),
                  out_shardings=replicated)
