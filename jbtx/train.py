@@ -27,7 +27,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jbtx.config import ConfigError, ExperimentConfig, from_mapping
+from jbtx.config import ConfigError, ExperimentConfig, check_overrides, from_mapping
 from jbtx.pipeline import runner
 from jbtx.runtime import distributed, host_memory
 from jbtx.runtime.distributed import log
@@ -73,5 +73,15 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Refuses moved keys with a clear error, then parses the flags and runs `main`."""
+  try:
+    check_overrides(ExperimentConfig, sys.argv[1:])
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -240,6 +240,8 @@ def test_experiment_files_list_every_key(experiment):
     # Keys that are None by default parse as their type (placeholders).
     (["--config.distributed.num_processes=2", "--config.distributed.process_id=2"],
      "'distributed.process_id': must be below num_processes (2), got 2"),
+    (["--config.btx.olmoe.top_k=2"],
+     "'btx.olmoe.top_k': this key moved to 'olmoe.moe.top_k'; set that instead"),
     (["--config.data.reweighting=loss", "--config.data.domains.code.reference_loss=1.5",
       "--config.data.domains.math.reference_loss=1.5",
       "--config.data.domains.general.reference_loss=1.5"],

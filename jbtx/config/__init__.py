@@ -7,7 +7,13 @@ hold the dataclasses. Import them from here:
 `from jbtx.config import ExperimentConfig, from_mapping`.
 """
 
-from jbtx.config.base import ConfigError, from_mapping, to_config_dict, to_dict
+from jbtx.config.base import (
+    ConfigError,
+    check_overrides,
+    from_mapping,
+    to_config_dict,
+    to_dict,
+)
 from jbtx.config.btm import BTMConfig
 from jbtx.config.btx import BTXConfig, StageConfig
 from jbtx.config.data import DataConfig
@@ -39,6 +45,7 @@ __all__ = [
     "StageConfig",
     "TrainConfig",
     "UpcycleConfig",
+    "check_overrides",
     "from_mapping",
     "to_config_dict",
     "to_dict",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import ml_collections
@@ -85,6 +85,31 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | Any, key: str = "") -> 
     return cls(**values)
   except ConfigError as e:
     raise e.under(key) from None
+
+
+def moved_key(cls: type, key: str) -> str | None:
+  """Where the dotted `key` of `cls` moved (a `MOVED` entry on its way), else None."""
+  parts = key.split(".")
+  for i, name in enumerate(parts):
+    moved = getattr(cls, "MOVED", {})
+    if name in moved:
+      return ".".join([moved[name], *parts[i + 1:]])
+    hint = typing.get_type_hints(cls).get(name) if dataclasses.is_dataclass(cls) else None
+    if hint is None or not dataclasses.is_dataclass(hint):
+      return None
+    cls = hint
+  return None
+
+
+def check_overrides(cls: type, argv: Sequence[str]) -> None:
+  """Raises ConfigError for a command-line override `--config.KEY=…` of a key that
+  moved, naming where it went (before the flags parser fails on the unknown key)."""
+  for arg in argv:
+    if arg.startswith("--config."):
+      key = arg.removeprefix("--config.").split("=", 1)[0]
+      new = moved_key(cls, key)
+      if new:
+        raise ConfigError(key, f"this key moved to '{new}'; set that instead")
 
 
 def _join(prefix: str, name: str) -> str:

@@ -25,7 +25,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jbtx.config import ConfigError, ExperimentConfig, from_mapping
+from jbtx.config import ConfigError, ExperimentConfig, check_overrides, from_mapping
 from jbtx.pipeline.stages.evaluation import evaluate_workdir
 from jbtx.pipeline.workdir import workdir_config
 from jbtx.runtime import distributed
@@ -69,6 +69,7 @@ def _workdir_argument(argv: list[str]) -> str | None:
 def run() -> None:
   workdir = _workdir_argument(sys.argv[1:])
   try:
+    check_overrides(ExperimentConfig, sys.argv[1:])
     defaults = workdir_config(workdir) if workdir else ml_collections.ConfigDict()
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
