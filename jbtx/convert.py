@@ -3,8 +3,9 @@ r"""`python -m jbtx.convert`: checkpoints between Llama-2 / Mixtral / OLMoE and 
     python -m jbtx.convert import --source=DIR --output=DIR [--dtype=bfloat16]
     python -m jbtx.convert export --checkpoint=DIR --output=DIR [--dtype=bfloat16]
 
-`import` reads Meta's Llama-2 release or a Hugging Face Llama, Mixtral or OLMoE folder;
-`export` writes an HF folder that transformers loads (`jbtx.interop.conversion`).
+`import` reads Meta's Llama-2 release or a Hugging Face Llama, Qwen2, Mixtral or OLMoE
+folder, and copies its tokenizer files along; `export` writes an HF folder that
+transformers loads (`jbtx.interop.conversion`).
 Outputs appear atomically: a failed conversion leaves nothing at `--output`.
 """
 
@@ -19,7 +20,8 @@ from jbtx.interop.conversion import DTYPES, export_checkpoint, import_checkpoint
 from jbtx.interop.hf_tensor_map import ConversionError
 
 _SOURCE = flags.DEFINE_string("source", None,
-                              "import: Meta Llama-2 or HF Llama / Mixtral / OLMoE folder.")
+                              "import: Meta Llama-2 or HF Llama / Qwen2 / Mixtral / OLMoE "
+                              "folder.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "export: jbtx checkpoint folder.")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder to create (must not exist).")
 _DTYPE = flags.DEFINE_enum("dtype", None, DTYPES,

@@ -10,7 +10,8 @@ step, saving a checkpoint, or before the final evaluation or the publish; a sign
 during the publish lets it finish (a second signal interrupts at once).
 
 The stages (`jbtx.pipeline.runner`, one module per kind in `jbtx.pipeline.stages`):
-`seed` trains the dense seed (`config.model`; or `btx.seed_checkpoint` is used), then
+`seed` trains the dense seed (`config.model`; or `btx.seed_checkpoint` is used, and with
+`btx.model_from_seed` the model's shape is read from it as the run starts), then
 with `btx.experts` set, `expert/<domain>` for each expert, `mix`, `finetune`, the
 baselines of `btx.baselines`, `eval` (results.json) and `export` (hf/).
 `--config.btx.only=STAGE` runs one stage and exits (experts on separate hosts).
@@ -28,6 +29,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jbtx.config import ConfigError, ExperimentConfig, check_overrides, from_mapping
+from jbtx.interop import checkpoint
 from jbtx.pipeline import runner
 from jbtx.runtime import distributed, host_memory
 from jbtx.runtime.distributed import log
@@ -55,7 +57,7 @@ def main(argv: list[str]) -> None:
                          "system; mount the bucket (e.g. gcsfuse on every host) and pass "
                          "the mount's path")
   try:
-    config = from_mapping(ExperimentConfig, _CONFIG.value)
+    config = checkpoint.with_seed_model(from_mapping(ExperimentConfig, _CONFIG.value))
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -1,5 +1,6 @@
 """Tiny random checkpoints written by the tests themselves: Llama in HF and Meta layouts,
-HF Mixtral and OLMoE."""
+HF Mixtral and OLMoE, and the features of small real seeds (tied embeddings, Llama-3
+and linear rotary scaling, Qwen2's and Llama's attention biases)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,28 @@ MIXTRAL = dict(GQA, model_type="mixtral", intermediate_size=40, num_local_expert
 OLMOE = dict(GQA, model_type="olmoe", intermediate_size=40, num_key_value_heads=3,
              num_experts=7, num_experts_per_tok=3, norm_topk_prob=False, rope_theta=77777.0,
              router_aux_loss_coef=0.03, eos_token_id=None)
+# Small real seeds (SmolLM2, Llama-3.2, Qwen2.5) tie their embeddings.
+TIED = dict(GQA, tie_word_embeddings=True)
+# Llama-3's scaling over head_dim 10 at theta 1e4 (wavelengths 6, 40, 250, 1580, 9960)
+# with original length 64: one frequency kept (< 64 / 4), one interpolated, three divided.
+LLAMA3 = dict(TIED, rope_theta=10000.0, max_position_embeddings=256, rope_scaling={
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64})
+LINEAR = dict(GQA, max_position_embeddings=256,
+              rope_scaling={"rope_type": "linear", "factor": 4.0})
+QWEN2 = dict(TIED, model_type="qwen2", rope_theta=1000000.0)  # biases on q, k, v
+LLAMA_BIAS = dict(GQA, attention_bias=True)  # biases on q, k, v and o
 
 
 def hf_model(shape: dict, seed: int = 0):
-  """A random `LlamaForCausalLM`; norms are randomised too so no weight is all ones."""
+  """A random `LlamaForCausalLM` (or the dense model of `shape["model_type"]`); norms and
+  biases are randomised too so no weight is all ones or zeros."""
   torch.manual_seed(seed)
-  return _randomise(transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape)).eval())
+  if "model_type" not in shape:
+    return _randomise(transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape)).eval())
+  shape = dict(shape)
+  config = transformers.AutoConfig.for_model(shape.pop("model_type"), **shape)
+  return _randomise(transformers.AutoModelForCausalLM.from_config(config).eval())
 
 
 def hf_moe_model(shape: dict, seed: int = 0):
@@ -53,7 +70,41 @@ def _randomise(model):
     for name, p in model.named_parameters():
       if "norm" in name:
         p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      elif name.endswith(".bias"):
+        p.copy_(0.1 * torch.randn_like(p))
   return model
+
+
+# Every character of these strings is in the tiny tokenizers' alphabet (others are <unk>).
+TOKENIZER_CORPUS = ["the quick brown fox jumps over the lazy dog. " * 3,
+                    "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG! 0123456789\n",
+                    "def f(x): return [x + 1, x * 2] # {'a': \"b\"} = ; - / < > % ? _",
+                    "pack my box with five dozen liquor jugs, then 12 + 30 = 42."] * 5
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|begin_of_text|>"]
+
+
+def save_tokenizer(directory: pathlib.Path, vocab_size: int = 120, **specials) -> pathlib.Path:
+  """A tiny byte-level BPE tokenizer trained on `TOKENIZER_CORPUS`, saved as a model's
+  own by transformers (`tokenizer.json`, `tokenizer_config.json`) into `directory`.
+
+  Args:
+    directory: the folder to write (an HF model folder).
+    vocab_size: ids, special tokens (`SPECIAL_TOKENS`, ids 0-4) included.
+    **specials: `PreTrainedTokenizerFast` settings: bos_token, eos_token, add_bos_token.
+  """
+  import tokenizers as hf
+
+  tok = hf.Tokenizer(hf.models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = hf.decoders.ByteLevel()
+  split = tok.pre_tokenizer.pre_tokenize_str
+  alphabet = sorted({c for text in TOKENIZER_CORPUS for word, _ in split(text) for c in word})
+  tok.train_from_iterator(TOKENIZER_CORPUS, hf.trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet))
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                              **specials)
+  fast.save_pretrained(directory)
+  return directory
 
 
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ from jbtx.config.evaluation import EvalConfig
 from jbtx.config.experiment import BYTE_VOCAB_SIZE, ExperimentConfig
 from jbtx.config.llama_moe import LlamaMoEConfig
 from jbtx.config.mesh import MESH_AXES, MeshConfig
-from jbtx.config.model import ModelConfig, MoEConfig
+from jbtx.config.model import ModelConfig, MoEConfig, RopeScalingConfig
 from jbtx.config.olmoe import OLMoEConfig
 from jbtx.config.optimizer import OptimizerConfig
 from jbtx.config.training import TrainConfig
@@ -42,6 +42,7 @@ __all__ = [
     "ModelConfig",
     "OLMoEConfig",
     "OptimizerConfig",
+    "RopeScalingConfig",
     "StageConfig",
     "TrainConfig",
     "UpcycleConfig",

@@ -120,8 +120,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
   """Checks `value` against the type `hint`; returns it converted where lossless."""
   origin = typing.get_origin(hint)
   args = typing.get_args(hint)
-  if dataclasses.is_dataclass(hint):
-    return from_mapping(hint, value, key)
+  if dataclasses.is_dataclass(hint):  # an instance was validated when it was made
+    return value if isinstance(value, hint) else from_mapping(hint, value, key)
   if origin in (typing.Union, types.UnionType):
     if value is None and type(None) in args:
       return None

@@ -45,6 +45,10 @@ class BTXConfig:
   Attributes:
     seed_checkpoint: a converted jbtx checkpoint (`python -m jbtx.convert import`) used
       as the seed instead of training one ("" = train `config.model`).
+    model_from_seed: `python -m jbtx.train` takes `model`'s shape (the keys of
+      `jbtx.config.model.SHAPE_KEYS`) from `seed_checkpoint` as it starts; the model's
+      numerics, layout and `max_seq_len` stay the config's. False: the config states the
+      shape, and a seed of another shape is refused naming the key.
     experts: domain name (a key of `data.domains`) -> its training stage; each expert
       starts from the seed's parameters with a fresh optimizer and trains on that
       domain alone.
@@ -86,6 +90,7 @@ class BTXConfig:
                                      "olmoe": "olmoe.moe"}
 
   seed_checkpoint: str = ""
+  model_from_seed: bool = False
   experts: dict[str, StageConfig] = dataclasses.field(default_factory=dict)
   only: str = ""
   seed_as_expert: bool = True
@@ -107,6 +112,8 @@ class BTXConfig:
   train_btx: bool = True
 
   def __post_init__(self):
+    _require(not self.model_from_seed or bool(self.seed_checkpoint), "model_from_seed",
+             "needs btx.seed_checkpoint, the checkpoint to read the model's shape from")
     _require(SEED_EXPERT not in self.experts, f"experts.{SEED_EXPERT}",
              f"{SEED_EXPERT!r} names the seed's expert (btx.seed_as_expert); "
              "choose another name")

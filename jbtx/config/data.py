@@ -59,15 +59,21 @@ class TokenizerConfig:
   Attributes:
     type: "byte" (UTF-8 bytes, no file), "sentencepiece" (e.g. Llama-2's
       `tokenizer.model`) or "huggingface" (a `tokenizer.json`).
-    path: the tokenizer file for "sentencepiece" and "huggingface".
-    bos_token, eos_token, pad_token: special tokens of a "huggingface" tokenizer
-      (pad_token "" pads with the EOS id; padding is masked by segment id 0 anyway).
+    path: the tokenizer file for "sentencepiece" and "huggingface", or the folder
+      holding it (an HF model folder, or a checkpoint `python -m jbtx.convert import`
+      made from one, which carries its tokenizer files).
+    bos_token, eos_token, pad_token: special tokens of a "huggingface" tokenizer. ""
+      (the default) takes the model's own from the files next to `tokenizer.json`
+      (tokenizer_config.json, special_tokens_map.json, config.json), with BOS only if
+      the model's tokenizer adds one (not Qwen2's or SmolLM2's); for a `tokenizer.json`
+      alone, Llama-2's "<s>" and "</s>". EOS separates packed documents. pad_token ""
+      pads with the EOS id (padding is masked by segment id 0 anyway).
   """
 
   type: Literal["byte", "sentencepiece", "huggingface"] = "byte"
   path: str = ""
-  bos_token: str = "<s>"
-  eos_token: str = "</s>"
+  bos_token: str = ""
+  eos_token: str = ""
   pad_token: str = ""
 
   def __post_init__(self):

@@ -17,6 +17,15 @@ Dispatch = Literal["auto", "dropless", "blocked", "capacity", "dense", "loop", "
 EXPERT_CHOICE_DISPATCH = ("auto", "expert_choice", "dense", "loop")
 LoadBalance = Literal["btx", "switch", "cv"]
 Router = Literal["linear", "noisy_mlp"]
+RopeType = Literal["default", "linear", "llama3"]
+# Biases of the attention projections: none (Llama), q/k/v (Qwen2), or q/k/v/o (Llama's
+# and OLMoE's `attention_bias=True`).
+AttentionBias = Literal["none", "qkv", "qkvo"]
+# ModelConfig fields that fix the stored tensors and what they compute (not the layout,
+# compute numerics or initialisation): what a converted seed and a config must share.
+SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+              "rope_theta", "rope_scaling", "norm_eps", "qk_norm", "attention_bias",
+              "tie_embeddings", "moe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +147,34 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScalingConfig:
+  """Rotary frequency scaling for contexts longer than pretraining's (HF `rope_scaling`).
+
+  Attributes:
+    rope_type: "default" (none), "linear" (positions / factor: every frequency divided
+      by `factor`) or "llama3" (Llama-3.1's: wavelengths longer than
+      `original_max_position_embeddings / low_freq_factor` divided by `factor`, shorter
+      than `… / high_freq_factor` kept, those between interpolated smoothly; as
+      transformers' `_compute_llama3_parameters`).
+    factor: the scaling factor ("linear", "llama3").
+    low_freq_factor, high_freq_factor: the wavelength bounds of "llama3".
+    original_max_position_embeddings: pretraining's context length ("llama3").
+  """
+
+  rope_type: RopeType = "default"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    _require_positive(self, "factor", "low_freq_factor", "original_max_position_embeddings")
+    _require(self.high_freq_factor > self.low_freq_factor, "high_freq_factor",
+             f"must exceed low_freq_factor ({self.low_freq_factor}), "
+             f"got {self.high_freq_factor}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shape and numerics of a Llama-style decoder.
 
@@ -149,6 +186,7 @@ class ModelConfig:
     n_kv_heads: key/value heads (grouped-query attention when < n_heads).
     d_ff: hidden width of the SwiGLU MLP.
     rope_theta: base of the rotary frequencies.
+    rope_scaling: scaling of the rotary frequencies (Llama-3's "llama3", "linear").
     norm_eps: epsilon of every RMSNorm.
     max_seq_len: longest sequence the model is meant for (default KV-cache length).
     dtype: compute dtype of activations and matmuls.
@@ -159,6 +197,10 @@ class ModelConfig:
       (save nothing), "dots" (save matmul outputs), "dots_no_batch".
     init_std: standard deviation of the normal initialiser of all kernels.
     qk_norm: RMSNorm over the full query and key width before splitting heads (OLMoE).
+    attention_bias: biases on the attention projections: "none", "qkv" (Qwen2) or
+      "qkvo" (Llama's and OLMoE's `attention_bias=True`).
+    tie_embeddings: the output layer is the input embedding table (logits
+      `x @ embedding.T`); there is no "lm_head" parameter.
     moe: Mixture-of-Experts FFN settings; None for a dense model.
   """
 
@@ -169,6 +211,7 @@ class ModelConfig:
   n_kv_heads: int
   d_ff: int
   rope_theta: float = 10000.0
+  rope_scaling: RopeScalingConfig = dataclasses.field(default_factory=RopeScalingConfig)
   norm_eps: float = 1e-5
   max_seq_len: int = 4096
   dtype: DType = "float32"
@@ -177,6 +220,8 @@ class ModelConfig:
   remat_policy: RematPolicy = "none"
   init_std: float = 0.02
   qk_norm: bool = False
+  attention_bias: AttentionBias = "none"
+  tie_embeddings: bool = False
   moe: MoEConfig | None = None
 
   def __post_init__(self):
@@ -200,8 +245,12 @@ class ModelConfig:
   def head_dim(self) -> int:
     return self.d_model // self.n_heads
 
+  def with_shape_of(self, other: ModelConfig) -> ModelConfig:
+    """This config with the `SHAPE_KEYS` of `other` (its numerics and layout kept)."""
+    return dataclasses.replace(self, **{k: getattr(other, k) for k in SHAPE_KEYS})
+
   def num_params(self) -> int:
-    """Total parameter count (embeddings and output layer included)."""
+    """Total parameter count (embeddings and output layer included; a tied table once)."""
     return self._count(active=False)
 
   def num_active_params(self) -> int:
@@ -212,6 +261,10 @@ class ModelConfig:
     attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
     if self.qk_norm:
       attn += self.head_dim * (self.n_heads + self.n_kv_heads)
+    if self.attention_bias != "none":
+      attn += self.head_dim * (self.n_heads + 2 * self.n_kv_heads)
+    if self.attention_bias == "qkvo":
+      attn += self.d_model
     dense_ffn = 3 * self.d_model * self.d_ff
     layers = self.n_layers * (attn + 2 * self.d_model + dense_ffn)
     if self.moe is not None:
@@ -221,4 +274,5 @@ class ModelConfig:
       moe_ffn = (3 * self.d_model * width * (n_used + moe.n_shared_experts)
                  + moe.router_params(self.d_model))
       layers += (self.n_layers // moe.every) * (moe_ffn - dense_ffn)
-    return round(layers) + 2 * self.vocab_size * self.d_model + self.d_model
+    tables = 1 if self.tie_embeddings else 2
+    return round(layers) + tables * self.vocab_size * self.d_model + self.d_model

@@ -2,6 +2,7 @@
 
     DIR/jbtx.json   {"format": "jbtx", "version": 1, "kind": "llama", "model": {...}, ...}
     DIR/params/     Orbax checkpoint (v1 API, OCDBT) of the parameter pytree
+    DIR/tokenizer.json, …   a converted model's tokenizer files, when its source had them
 
 Directories are written under a temporary sibling name and renamed into place only
 when complete, so an interrupted write never leaves a directory that looks finished.
@@ -10,6 +11,7 @@ when complete, so an interrupted write never leaves a directory that looks finis
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -23,7 +25,7 @@ import numpy as np
 from orbax.checkpoint import v1 as ocp
 
 from jbtx import config as config_lib
-from jbtx.config import ModelConfig
+from jbtx.config import ExperimentConfig, ModelConfig
 from jbtx.models.llama import Llama, n_layer_groups, stack_layers, unstack_layers
 
 CONFIG_FILE = "jbtx.json"
@@ -77,8 +79,10 @@ def save(directory: str | os.PathLike, model_config: ModelConfig, params: Any,
 
 
 def save_parts(directory: str | os.PathLike, model_config: ModelConfig, parts: Iterable[Any],
-               kind: str = "llama", extra: dict[str, Any] | None = None) -> pathlib.Path:
-  """Like `save`, with the parameter tree given as disjoint parts that together form it.
+               kind: str = "llama", extra: dict[str, Any] | None = None,
+               files: Iterable[pathlib.Path] = ()) -> pathlib.Path:
+  """Like `save`, with the parameter tree given as disjoint parts that together form it,
+  and `files` (e.g. a tokenizer's) copied into the directory.
 
   Each part (a nested dict holding some of the leaves) is written and released before
   the next is drawn from `parts`, so peak memory is about two parts, not the model
@@ -92,6 +96,8 @@ def save_parts(directory: str | os.PathLike, model_config: ModelConfig, parts: I
         ocp.partial.save(tmp / PARAMS_DIR, leaf)
       del part
     ocp.partial.finalize(tmp / PARAMS_DIR)
+    for file in files:
+      shutil.copyfile(file, tmp / file.name)
     write_record(tmp, model_config, kind, extra)
   return pathlib.Path(directory).absolute()
 
@@ -168,6 +174,22 @@ def load_params_for(directory: str | os.PathLike, model_config: ModelConfig) -> 
   if scanned and not model_config.scan_layers:
     return unstack_layers(params)
   return params
+
+
+def with_seed_model(config: ExperimentConfig) -> ExperimentConfig:
+  """`config` with `model`'s shape read from `btx.seed_checkpoint` if
+  `btx.model_from_seed` is set (the experiment is checked again with it).
+
+  Raises:
+    ConfigError: naming `btx.seed_checkpoint` if it is not a jbtx checkpoint.
+  """
+  if not config.btx.model_from_seed:
+    return config
+  try:
+    seed = load_config(config.btx.seed_checkpoint)
+  except CheckpointError as e:
+    raise config_lib.ConfigError("btx.seed_checkpoint", str(e)) from None
+  return dataclasses.replace(config, model=config.model.with_shape_of(seed))
 
 
 def load(directory: str | os.PathLike) -> tuple[Llama, Any]:

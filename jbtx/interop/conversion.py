@@ -5,14 +5,17 @@
 
 `import_checkpoint` detects the source format (`open_source`): Meta's original
 Llama-2 release (`params.json` + `consolidated.NN.pth` shards) or Hugging Face Llama,
-Mixtral or OLMoE (`config.json` + safetensors or `pytorch_model*.bin`, optionally
-sharded with an index; MoE experts per expert or fused). Tensors are streamed one at a
-time into the jbtx parameter tree and each finished leaf is written to disk at once,
-so peak memory stays at a few leaves, well under one copy of the model.
-`export_checkpoint` writes a jbtx model as an HF folder (`config.json` + safetensors
-shards) that `transformers.AutoModelForCausalLM` loads: a dense model as Llama, an MoE
-model as OLMoE if it has QK norms, else as Mixtral. Outputs appear atomically: an
-interrupted or failed conversion leaves nothing at the output path.
+Qwen2, Mixtral or OLMoE (`config.json` + safetensors or `pytorch_model*.bin`,
+optionally sharded with an index; MoE experts per expert or fused). Tensors are
+streamed one at a time into the jbtx parameter tree and each finished leaf is written
+to disk at once, so peak memory stays at a few leaves, well under one copy of the
+model. The source's tokenizer files (`hf_folder.TOKENIZER_FILES`) are copied along, so
+a converted seed carries its tokenizer. `export_checkpoint` writes a jbtx model as an
+HF folder (`config.json` + safetensors shards, and the checkpoint's tokenizer files)
+that `transformers.AutoModelForCausalLM` loads: a dense model as Llama (Qwen2 with
+q/k/v biases), an MoE model as OLMoE if it has QK norms, else as Mixtral. Outputs
+appear atomically: an interrupted or failed conversion leaves nothing at the output
+path.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import tqdm
@@ -67,14 +71,16 @@ def import_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path,
     cfg = dataclasses.replace(src.model_config, dtype=dtype, param_dtype=dtype,
                               scan_layers=scan_layers)
     maps = hf_folder.tensor_maps(cfg, src.shapes)
-    hf_tensor_map.check_tensors(cfg, maps, src.shapes, src.where)
+    shapes = hf_tensor_map.without_tied_head(cfg, src.shapes, src.read, src.where)
+    hf_tensor_map.check_tensors(cfg, maps, shapes, src.where)
     fmt = "meta" if isinstance(src, MetaCheckpoint) else "hf"
     with tqdm.tqdm(total=len(maps), desc="import", unit="tensor",
                    disable=not show_progress) as bar:
       leaves = hf_tensor_map.import_leaves(cfg, maps, src.read, dtype_of(dtype),
                                       progress=lambda _: bar.update())
       checkpoint.save_parts(output, cfg, leaves, extra={
-          "source": str(pathlib.Path(source).absolute()), "source_format": fmt})
+          "source": str(pathlib.Path(source).absolute()), "source_format": fmt},
+          files=hf_folder.tokenizer_files(pathlib.Path(source)))
   finally:
     src.close()
   return cfg
@@ -111,6 +117,8 @@ def export_checkpoint(ckpt: str | pathlib.Path, output: str | pathlib.Path,
                "weight_map": {i.name: f for f, shard in shards.items() for i in shard}}
       (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    for file in hf_folder.tokenizer_files(pathlib.Path(ckpt)):
+      shutil.copyfile(file, tmp / file.name)
   return pathlib.Path(output).absolute()
 
 

@@ -1,9 +1,10 @@
-"""Hugging Face checkpoint folders (Llama, Mixtral, OLMoE): `config.json` plus weights.
+"""Hugging Face checkpoint folders (Llama, Qwen2, Mixtral, OLMoE): `config.json` plus
+weights, and the tokenizer files that come with them.
 
 Weights may be one `model.safetensors` / `pytorch_model.bin`, or shards listed in a
 `model.safetensors.index.json` / `pytorch_model.bin.index.json` weight map. The
 functions here pick the model family: from `model_type` on import, from the jbtx
-config (dense: Llama; MoE: `hf_moe_map.model_type`) on export.
+config (dense: Llama or Qwen2, `hf_config`; MoE: `hf_moe_map.model_type`) on export.
 """
 
 from __future__ import annotations
@@ -16,24 +17,32 @@ from typing import Any
 import numpy as np
 
 from jbtx.config import ModelConfig
-from jbtx.interop import hf_moe_map, hf_tensor_map
+from jbtx.interop import hf_config, hf_moe_map, hf_tensor_map
 from jbtx.interop.hf_tensor_map import ConversionError, TensorMap
 from jbtx.interop.tensor_files import TensorFileError, TensorReader, open_tensor_file
 
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE = ("model.safetensors", "pytorch_model.bin")
-MODEL_TYPES = ("llama", *hf_moe_map.MODEL_TYPES)
+MODEL_TYPES = (*hf_config.DENSE_TYPES, *hf_moe_map.MODEL_TYPES)
+# A model's tokenizer (`jbtx.data.tokenizers` reads them): a conversion copies those present.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model")
 
 
 def model_config_from_hf(hf: Mapping[str, Any], source: str) -> ModelConfig:
   """ModelConfig from an HF `config.json` dict of any supported `model_type`."""
   kind = hf.get("model_type")
-  if kind == "llama":
-    return hf_tensor_map.model_config_from_hf(hf, source)
+  if kind in hf_config.DENSE_TYPES:
+    return hf_config.model_config_from_hf(hf, source)
   if kind in hf_moe_map.MODEL_TYPES:
     return hf_moe_map.model_config_from_hf(hf, source)
   raise ConversionError(f"{source}: model_type {kind!r} is not supported (supported: "
                         f"{', '.join(MODEL_TYPES)})")
+
+
+def tokenizer_files(directory: pathlib.Path) -> list[pathlib.Path]:
+  """The tokenizer files (`TOKENIZER_FILES`) present in `directory`."""
+  return [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
 
 
 def tensor_maps(cfg: ModelConfig, names: Collection[str] = ()) -> list[TensorMap]:
@@ -50,9 +59,9 @@ def tensor_maps(cfg: ModelConfig, names: Collection[str] = ()) -> list[TensorMap
 
 
 def hf_config_from_model(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
-  """The HF `config.json` dict of `cfg`'s model family (Llama, Mixtral or OLMoE)."""
+  """The HF `config.json` dict of `cfg`'s model family (Llama, Qwen2, Mixtral or OLMoE)."""
   if cfg.moe is None:
-    return hf_tensor_map.hf_config_from_model(cfg, dtype)
+    return hf_config.hf_config_from_model(cfg, dtype)
   return hf_moe_map.hf_config_from_model(cfg, dtype)
 
 

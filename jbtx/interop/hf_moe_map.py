@@ -36,7 +36,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from jbtx.config import ConfigError, ModelConfig, MoEConfig
-from jbtx.interop import hf_tensor_map
+from jbtx.interop import hf_config, hf_tensor_map
 from jbtx.interop.hf_tensor_map import ConversionError, TensorMap
 
 MIXTRAL, OLMOE = "mixtral", "olmoe"
@@ -71,10 +71,10 @@ def model_config_from_hf(hf: Mapping[str, Any], source: str) -> ModelConfig:
   kind = hf.get("model_type")
   if kind not in MODEL_TYPES:
     raise ConversionError(f"{source}: model_type {kind!r} is not 'mixtral' or 'olmoe'")
-  unsupported = "sliding_window" if kind == MIXTRAL else "clip_qkv"
-  if hf.get(unsupported) is not None:
-    raise ConversionError(f"{source}: {unsupported}={hf[unsupported]!r} is not supported "
-                          "by jbtx")
+  unsupported = ("sliding_window", "attention_bias") if kind == MIXTRAL else ("clip_qkv",)
+  for key in unsupported:
+    if hf.get(key) not in (None, False):
+      raise ConversionError(f"{source}: {key}={hf[key]!r} is not supported by jbtx")
   if kind == MIXTRAL:
     routing: dict[str, Any] = {"routing": "topk"}
   else:
@@ -89,7 +89,8 @@ def model_config_from_hf(hf: Mapping[str, Any], source: str) -> ModelConfig:
     raise ConversionError(f"{source}: missing key {e.args[0]!r}") from None
   except ConfigError as e:
     raise ConversionError(f"{source}: {e.under('moe')}") from None
-  return hf_tensor_map.decoder_config_from_hf(hf, source, qk_norm=kind == OLMOE, moe=moe)
+  return hf_config.decoder_config_from_hf(hf, source, qk_norm=kind == OLMOE, moe=moe,
+                                          attention_bias=hf_config.attention_bias_from_hf(hf))
 
 
 def hf_config_from_model(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
@@ -100,8 +101,9 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
   and are dropped.
 
   Raises:
-    ConversionError: if `cfg` has MoE features the HF model lacks (MoE in only some
-      layers, shared experts, routing other than the model's own).
+    ConversionError: if `cfg` has features the HF model lacks (MoE in only some layers,
+      shared experts, routing other than the model's own, attention biases other than
+      OLMoE's on q/k/v/o).
   """
   moe, kind = cfg.moe, model_type(cfg)
   # Whether the k gate values are renormalised; None if routing is not a top-k softmax.
@@ -115,12 +117,15 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
     detail = " without renormalize" if renormalized is False else ""
     problems.append(f"moe.routing={moe.routing!r}{detail} (HF {kind} routes by "
                     f"{_ROUTING[kind]})")
+  if cfg.attention_bias != "none" and (kind == MIXTRAL or cfg.attention_bias != "qkvo"):
+    problems.append(f"attention_bias={cfg.attention_bias!r} (HF {kind} has "
+                    f"{'none' if kind == MIXTRAL else 'biases on q, k, v and o or none'})")
   if problems:
     raise ConversionError(f"cannot export as HF {_ARCHITECTURES[kind]}: {'; '.join(problems)}")
   config = {
       "architectures": [_ARCHITECTURES[kind]],
       "model_type": kind,
-      **hf_tensor_map.decoder_hf_config(cfg, dtype),
+      **hf_config.decoder_hf_config(cfg, dtype),
       "intermediate_size": moe.d_ff or cfg.d_ff,
       _N_EXPERTS_KEY[kind]: moe.n_experts,
       "num_experts_per_tok": moe.top_k,
@@ -129,7 +134,8 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
   }
   if kind == MIXTRAL:
     return config | {"head_dim": cfg.head_dim, "sliding_window": None}
-  return config | {"norm_topk_prob": renormalized, "clip_qkv": None, "attention_bias": False}
+  return config | {"norm_topk_prob": renormalized, "clip_qkv": None,
+                   "attention_bias": cfg.attention_bias == "qkvo"}
 
 
 # --------------------------------------------------------------------------------------

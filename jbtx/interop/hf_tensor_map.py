@@ -2,7 +2,9 @@
 
 Both Llama importers speak this layout: HF checkpoints are in it already, and Meta's
 checkpoints are presented in it by `interop.meta_llama`. Export writes it back. HF's
-Mixtral and OLMoE share it except for their feed-forward layers (`interop.hf_moe_map`).
+Qwen2 is the same with q/k/v biases; Mixtral and OLMoE share it except for their
+feed-forward layers (`interop.hf_moe_map`). `interop.hf_config` reads and writes the
+models' `config.json`.
 
 HF stores linear weights as `[out, in]`; jbtx kernels are `[in, out]` with attention
 heads split out (`q: [embed, q_heads, head_dim]`, `o: [q_heads, head_dim, embed]`).
@@ -19,12 +21,13 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from jbtx.config import ConfigError, ModelConfig
+from jbtx.config import ModelConfig
 
 Params = dict[str, Any]
 
 # Tensors some checkpoints carry that hold no learned state.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 class ConversionError(ValueError):
@@ -91,6 +94,33 @@ def dense_ffn_maps(cfg: ModelConfig, layer: int, prefix: str) -> list[TensorMap]
 FFNMaps = Callable[[ModelConfig, int, str], list[TensorMap]]
 
 
+def attention_maps(cfg: ModelConfig, layer: int, prefix: str) -> list[TensorMap]:
+  """`self_attn.{q,k,v,o}_proj` of one layer: weights, the biases of `cfg.attention_bias`
+  (HF `[out]`, jbtx `[heads, head_dim]` or `[embed]`) and OLMoE's q/k norms."""
+  d, hd = cfg.d_model, cfg.head_dim
+  attention = {
+      "q_proj": ("q", (cfg.n_heads * hd, d), (d, cfg.n_heads, hd)),
+      "k_proj": ("k", (cfg.n_kv_heads * hd, d), (d, cfg.n_kv_heads, hd)),
+      "v_proj": ("v", (cfg.n_kv_heads * hd, d), (d, cfg.n_kv_heads, hd)),
+      "o_proj": ("o", (d, cfg.n_heads * hd), (cfg.n_heads, hd, d)),
+  }
+  biased = {"none": (), "qkv": ("q", "k", "v"), "qkvo": ("q", "k", "v", "o")}
+  maps = []
+  for hf, (name, hf_shape, jbtx_shape) in attention.items():
+    maps.append(linear(f"{prefix}self_attn.{hf}.weight", ("attn", name, "kernel"), layer,
+                       hf_shape, jbtx_shape))
+    if name in biased[cfg.attention_bias]:
+      out_shape = (d,) if name == "o" else jbtx_shape[1:]
+      maps.append(TensorMap(f"{prefix}self_attn.{hf}.bias", ("attn", name, "bias"), layer,
+                            hf_shape[:1], out_shape, lambda b, s=out_shape: b.reshape(s),
+                            lambda b: b.reshape(-1)))
+  if cfg.qk_norm:
+    for name, heads in (("q_norm", cfg.n_heads), ("k_norm", cfg.n_kv_heads)):
+      maps.append(_same(f"{prefix}self_attn.{name}.weight", ("attn", name, "scale"), layer,
+                        (heads * hd,)))
+  return maps
+
+
 def tensor_maps(cfg: ModelConfig, ffn_maps: FFNMaps = dense_ffn_maps) -> list[TensorMap]:
   """All tensors of an HF Llama-style decoder with the model shape `cfg`, in HF's order.
 
@@ -99,119 +129,19 @@ def tensor_maps(cfg: ModelConfig, ffn_maps: FFNMaps = dense_ffn_maps) -> list[Te
     ffn_maps: the feed-forward tensors of one layer, `(cfg, layer, prefix)` -> maps;
       Llama's dense SwiGLU by default.
   """
-  d, hd = cfg.d_model, cfg.head_dim
-  maps = [_same("model.embed_tokens.weight", ("embed", "embedding"), None, (cfg.vocab_size, d))]
-  attention = {
-      "q_proj": ("q", (cfg.n_heads * hd, d), (d, cfg.n_heads, hd)),
-      "k_proj": ("k", (cfg.n_kv_heads * hd, d), (d, cfg.n_kv_heads, hd)),
-      "v_proj": ("v", (cfg.n_kv_heads * hd, d), (d, cfg.n_kv_heads, hd)),
-      "o_proj": ("o", (d, cfg.n_heads * hd), (cfg.n_heads, hd, d)),
-  }
+  d = cfg.d_model
+  maps = [_same(EMBEDDING, ("embed", "embedding"), None, (cfg.vocab_size, d))]
   for i in range(cfg.n_layers):
     prefix = f"model.layers.{i}."
-    for hf, (name, hf_shape, jbtx_shape) in attention.items():
-      maps.append(linear(f"{prefix}self_attn.{hf}.weight", ("attn", name, "kernel"), i,
-                         hf_shape, jbtx_shape))
-    if cfg.qk_norm:
-      for name, heads in (("q_norm", cfg.n_heads), ("k_norm", cfg.n_kv_heads)):
-        maps.append(_same(f"{prefix}self_attn.{name}.weight", ("attn", name, "scale"), i,
-                          (heads * hd,)))
+    maps.extend(attention_maps(cfg, i, prefix))
     maps.extend(ffn_maps(cfg, i, prefix))
     for hf, path in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm")):
       maps.append(_same(f"{prefix}{hf}.weight", (path, "scale"), i, (d,)))
   maps.append(_same("model.norm.weight", ("final_norm", "scale"), None, (d,)))
-  maps.append(TensorMap("lm_head.weight", ("lm_head", "kernel"), None, (cfg.vocab_size, d),
-                        (d, cfg.vocab_size), np.transpose, np.transpose))
+  if not cfg.tie_embeddings:
+    maps.append(TensorMap(HEAD, ("lm_head", "kernel"), None, (cfg.vocab_size, d),
+                          (d, cfg.vocab_size), np.transpose, np.transpose))
   return maps
-
-
-# --------------------------------------------------------------------------------------
-# Configs.
-# --------------------------------------------------------------------------------------
-
-
-def decoder_config_from_hf(hf: Mapping[str, Any], source: str, **fields: Any) -> ModelConfig:
-  """ModelConfig from the keys all HF Llama-style `config.json` dicts share.
-
-  Args:
-    hf: the parsed `config.json` (Llama, Mixtral or OLMoE).
-    source: names the file in errors.
-    **fields: further ModelConfig fields (`qk_norm`, `moe`).
-  """
-  unsupported = {
-      "rope_scaling": hf.get("rope_scaling") or None,
-      "attention_bias": hf.get("attention_bias", False) or None,
-      "mlp_bias": hf.get("mlp_bias", False) or None,
-      "tie_word_embeddings": hf.get("tie_word_embeddings", False) or None,
-  }
-  rope = hf.get("rope_parameters") or {}
-  if rope.get("rope_type", "default") != "default":
-    unsupported["rope_parameters.rope_type"] = rope["rope_type"]
-  for key, value in unsupported.items():
-    if value is not None:
-      raise ConversionError(f"{source}: {key}={value!r} is not supported by jbtx")
-  if hf.get("hidden_act", "silu") != "silu":
-    raise ConversionError(f"{source}: hidden_act {hf['hidden_act']!r} is not 'silu'")
-  try:
-    n_heads = hf["num_attention_heads"]
-    cfg = ModelConfig(
-        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        d_ff=hf["intermediate_size"],
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_seq_len=hf.get("max_position_embeddings", 4096), **fields)
-  except KeyError as e:
-    raise ConversionError(f"{source}: missing key {e.args[0]!r}") from None
-  except ConfigError as e:
-    raise ConversionError(f"{source}: {e}") from None
-  if hf.get("head_dim") not in (None, cfg.head_dim):
-    raise ConversionError(f"{source}: head_dim {hf['head_dim']} != hidden_size / "
-                          f"num_attention_heads = {cfg.head_dim}, which jbtx requires")
-  return cfg
-
-
-def model_config_from_hf(hf: Mapping[str, Any], source: str) -> ModelConfig:
-  """ModelConfig from an HF Llama `config.json` dict; `source` names the file in errors."""
-  if hf.get("model_type") != "llama":
-    raise ConversionError(f"{source}: model_type {hf.get('model_type')!r} is not 'llama'")
-  return decoder_config_from_hf(hf, source)
-
-
-def decoder_hf_config(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
-  """The `config.json` keys all HF Llama-style models share, for the shape of `cfg`."""
-  return {
-      "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.d_model,
-      "intermediate_size": cfg.d_ff,
-      "num_hidden_layers": cfg.n_layers,
-      "num_attention_heads": cfg.n_heads,
-      "num_key_value_heads": cfg.n_kv_heads,
-      "hidden_act": "silu",
-      "max_position_embeddings": cfg.max_seq_len,
-      "rms_norm_eps": cfg.norm_eps,
-      "rope_theta": cfg.rope_theta,
-      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-      "tie_word_embeddings": False,
-      "torch_dtype": dtype,
-      "dtype": dtype,
-  }
-
-
-def hf_config_from_model(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
-  """An HF `config.json` dict for `LlamaForCausalLM` with the shape of `cfg`."""
-  if cfg.moe is not None or cfg.qk_norm:
-    raise ConversionError("HF Llama has no MoE layers and no QK norm")
-  return {
-      "architectures": ["LlamaForCausalLM"],
-      "model_type": "llama",
-      **decoder_hf_config(cfg, dtype),
-      "head_dim": cfg.head_dim,
-      "rope_scaling": None,
-      "attention_bias": False,
-      "mlp_bias": False,
-  }
 
 
 # --------------------------------------------------------------------------------------
@@ -241,6 +171,23 @@ def check_tensors(cfg: ModelConfig, maps: list[TensorMap], shapes: Mapping[str, 
     if tuple(shapes[m.hf_name]) != m.hf_shape:
       raise ConversionError(f"{where(m.hf_name)}: tensor {m.hf_name!r} has shape "
                             f"{tuple(shapes[m.hf_name])}, expected {m.hf_shape}")
+
+
+def without_tied_head(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]],
+                      read: Callable[[str], np.ndarray],
+                      where: Callable[[str], str]) -> dict[str, tuple[int, ...]]:
+  """`shapes` without the `lm_head.weight` a tied model's checkpoint may still carry,
+  once it is checked to equal the embedding table (a differing one is refused, never
+  dropped); `shapes` as it is for an untied model or a checkpoint without one."""
+  if not cfg.tie_embeddings or HEAD not in shapes:
+    return dict(shapes)
+  same = (shapes[HEAD] == shapes.get(EMBEDDING)
+          and np.array_equal(read(HEAD), read(EMBEDDING)))
+  if not same:
+    raise ConversionError(f"{where(HEAD)}: tensor {HEAD!r} differs from {EMBEDDING!r}, but "
+                          "tie_word_embeddings=True ties them; set tie_word_embeddings to "
+                          "false in config.json to import both")
+  return {name: shape for name, shape in shapes.items() if name != HEAD}
 
 
 def _slot(cfg: ModelConfig, m: TensorMap) -> tuple[tuple[str, ...], tuple[int, ...]]:

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jbtx.config import ModelConfig
+from jbtx.config import ModelConfig, RopeScalingConfig
 
 Axes = tuple[str, ...]
 
@@ -39,12 +39,14 @@ class Dense(nn.Module):
     in_shape: trailing input dimensions to contract, e.g. `(n_heads, head_dim)`.
     out_shape: output dimensions, e.g. `(n_heads, head_dim)`.
     axes: logical axis names of the kernel, one per kernel dimension.
+    use_bias: add a bias `[*out_shape]` (zero-initialised; the output axes' names).
   """
 
   config: ModelConfig
   in_shape: Sequence[int]
   out_shape: Sequence[int]
   axes: Axes
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -60,6 +62,11 @@ class Dense(nn.Module):
     dims = ((tuple(range(1, n_in + 1)), tuple(range(n_in))), ((), ()))
     dtype = dtype_of(cfg.dtype)
     y = jax.lax.dot_general(tokens.astype(dtype), kernel.astype(dtype), dims)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             self.axes[n_in:]),
+                        tuple(self.out_shape), dtype_of(cfg.param_dtype))
+      y = y + bias.astype(dtype)
     return y.reshape(*token_shape, *self.out_shape)
 
 
@@ -80,17 +87,26 @@ class RMSNorm(nn.Module):
 
 
 class Embed(nn.Module):
-  """Token embedding table `[vocab, embed]`."""
+  """Token embedding table `[vocab, embed]`; with tied embeddings also the output layer."""
 
   config: ModelConfig
 
-  @nn.compact
+  def setup(self):
+    cfg = self.config
+    self.embedding = self.param("embedding", kernel_init(cfg, ("vocab", "embed")),
+                                (cfg.vocab_size, cfg.d_model), dtype_of(cfg.param_dtype))
+
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """int tokens `[batch, seq]` -> embeddings `[batch, seq, embed]` in the compute dtype."""
-    cfg = self.config
-    table = self.param("embedding", kernel_init(cfg, ("vocab", "embed")),
-                       (cfg.vocab_size, cfg.d_model), dtype_of(cfg.param_dtype))
-    return jnp.take(table.astype(dtype_of(cfg.dtype)), tokens, axis=0)
+    return jnp.take(self.embedding.astype(dtype_of(self.config.dtype)), tokens, axis=0)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """`[batch, seq, embed]` -> logits `[batch, seq, vocab]` = `x @ embedding.T`, in the
+    compute dtype as `Dense` computes an untied output layer (one token axis)."""
+    dtype = dtype_of(self.config.dtype)
+    tokens = x.reshape(-1, x.shape[-1]).astype(dtype)
+    y = jax.lax.dot_general(tokens, self.embedding.astype(dtype), (((1,), (1,)), ((), ())))
+    return y.reshape(*x.shape[:-1], self.config.vocab_size)
 
 
 class MLP(nn.Module):
@@ -108,24 +124,46 @@ class MLP(nn.Module):
     return Dense(cfg, (cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), name="down")(hidden)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float,
+                     scaling: RopeScalingConfig | None = None) -> jax.Array:
+  """Rotary inverse frequencies `theta**(-2i/head_dim)`, float32 `[head_dim / 2]`,
+  scaled as `scaling` says (see `RopeScalingConfig`; transformers' formulas, in float32)."""
+  half = head_dim // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / head_dim))
+  if scaling is None or scaling.rope_type == "default":
+    return inv_freq
+  if scaling.rope_type == "linear":
+    return inv_freq / scaling.factor
+  original, factor = scaling.original_max_position_embeddings, scaling.factor
+  low, high = scaling.low_freq_factor, scaling.high_freq_factor
+  wavelen = 2 * jnp.pi / inv_freq
+  scaled = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
+  smooth = (original / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= original / high) & (wavelen <= original / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
+               scaling: RopeScalingConfig | None = None) -> jax.Array:
   """Rotary position embedding, "rotate-half" convention.
 
   Feature i of the first half of each head is rotated together with feature
-  i + head_dim/2 by the angle `position * theta**(-2i/head_dim)`. This is the layout
-  of Hugging Face's Llama (and GPT-NeoX); Meta's original checkpoints rotate adjacent
-  pairs instead, so their q/k projections are permuted on import (`interop/meta_llama`).
+  i + head_dim/2 by the angle `position * theta**(-2i/head_dim)` (the frequency scaled
+  by `scaling`, see `rope_frequencies`). This is the layout of Hugging Face's Llama (and
+  GPT-NeoX); Meta's original checkpoints rotate adjacent pairs instead, so their q/k
+  projections are permuted on import (`interop/meta_llama`).
 
   Args:
     x: queries or keys `[batch, seq, heads, head_dim]`.
     positions: integer positions `[batch, seq]`.
     theta: frequency base (`rope_theta`).
+    scaling: frequency scaling (`rope_scaling`); None for none.
 
   Returns:
     `x` rotated, same shape and dtype; the rotation itself runs in float32.
   """
-  half = x.shape[-1] // 2
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / x.shape[-1]))
+  inv_freq = rope_frequencies(x.shape[-1], theta, scaling)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, half]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]

@@ -4,7 +4,10 @@
 
 Block = x + Attention(RMSNorm(x)); x + MLP(RMSNorm(x)). Attention is grouped-query
 (`n_kv_heads` ≤ `n_heads`) with rotary embeddings, a causal mask and, for packed rows,
-a segment mask so that no token attends across documents. The output layer is untied.
+a segment mask so that no token attends across documents. The output layer is its own
+"lm_head", or with `tie_embeddings` the embedding table itself. Optional features of
+real checkpoints: biases on the attention projections (Qwen2's q/k/v, Llama's
+`attention_bias`), and rotary frequency scaling (Llama-3's "llama3", "linear").
 
 Incremental decoding: a model built with `decode=True` keeps a key/value cache in the
 "cache" collection (see `jbtx.inference.generate`). Each call appends its tokens at the
@@ -85,15 +88,19 @@ class Attention(nn.Module):
     """`[batch, seq, embed]` -> `[batch, seq, embed]`."""
     cfg = self.config
     d, hd = cfg.d_model, cfg.head_dim
-    q = Dense(cfg, (d,), (cfg.n_heads, hd), ("embed", "q_heads", "head_dim"), name="q")(x)
-    k = Dense(cfg, (d,), (cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), name="k")(x)
-    v = Dense(cfg, (d,), (cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), name="v")(x)
+    qkv_bias = cfg.attention_bias != "none"
+    q = Dense(cfg, (d,), (cfg.n_heads, hd), ("embed", "q_heads", "head_dim"), qkv_bias,
+              name="q")(x)
+    k = Dense(cfg, (d,), (cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), qkv_bias,
+              name="k")(x)
+    v = Dense(cfg, (d,), (cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), qkv_bias,
+              name="v")(x)
     if cfg.qk_norm:  # OLMoE: normalise the full q and k width, then split heads.
       q = RMSNorm(cfg, name="q_norm")(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
       k = RMSNorm(cfg, name="k_norm")(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
-    q = constrain(apply_rope(q, positions, cfg.rope_theta),
+    q = constrain(apply_rope(q, positions, cfg.rope_theta, cfg.rope_scaling),
                   ("act_batch", "act_length", "act_q_heads", "act_head_dim"))
-    k = constrain(apply_rope(k, positions, cfg.rope_theta),
+    k = constrain(apply_rope(k, positions, cfg.rope_theta, cfg.rope_scaling),
                   ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
     if self.decode:
       k, v, mask = self._update_cache(k, v)
@@ -101,7 +108,8 @@ class Attention(nn.Module):
       mask = attention_mask(segment_ids, x.shape[1])
     out = dot_product_attention(q, k, v, mask)
     out = constrain(out, ("act_batch", "act_length", "act_q_heads", "act_head_dim"))
-    return Dense(cfg, (cfg.n_heads, hd), (d,), ("q_heads", "head_dim", "embed"), name="o")(out)
+    return Dense(cfg, (cfg.n_heads, hd), (d,), ("q_heads", "head_dim", "embed"),
+                 cfg.attention_bias == "qkvo", name="o")(out)
 
   def _update_cache(self, k: jax.Array, v: jax.Array):
     """Writes `k, v [batch, q_len, kv, hd]` at the cache index; returns the full cache.
@@ -250,11 +258,15 @@ class Llama(nn.Module):
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
       else:
         positions = positions_from_segments(segment_ids)
-    x = Embed(cfg, name="embed")(tokens)
-    x = constrain(x, ("act_batch", "act_length", "act_embed"))
+    embed = Embed(cfg, name="embed")
+    x = constrain(embed(tokens), ("act_batch", "act_length", "act_embed"))
     x = self.run_blocks(x, positions, segment_ids, step)
     x = RMSNorm(cfg, name="final_norm")(x)
-    logits = Dense(cfg, (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = Dense(cfg, (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"),
+                     name="lm_head")(x)
     return constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
 
   def run_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,

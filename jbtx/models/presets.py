@@ -5,8 +5,8 @@ of Meta's release): d_ff follows Meta's rule
 `multiple_of * ceil(ffn_dim_multiplier * int(8 * d_model / 3) / multiple_of)`.
 Mixtral 8x7B follows its `config.json`; OLMoE-1B-7B follows the OLMoE paper (vocab 50280
 padded to 50304, QK-norm, 64 experts of width 1024, top-8 of a softmax over all 64
-without renormalisation, LB 0.01 and z-loss 0.001). The tiny presets are for tests
-and the CPU demo.
+without renormalisation, LB 0.01 and z-loss 0.001); SmolLM2-135M its `config.json`.
+The tiny presets are for tests and the CPU demo.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ _PRESETS: dict[str, Callable[[], ModelConfig]] = {
         rope_theta=10000.0, norm_eps=1e-5, max_seq_len=4096, qk_norm=True,
         moe=MoEConfig(n_experts=64, top_k=8, routing="softmax_topk", renormalize=False,
                       load_balance="switch", load_balance_coef=0.01, router_z_coef=0.001)),
+    # HuggingFaceTB/SmolLM2-135M's config.json: a small real seed (tied embeddings).
+    "smollm2_135m": lambda: ModelConfig(
+        vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
+        rope_theta=100000.0, norm_eps=1e-5, max_seq_len=8192, tie_embeddings=True),
     # 0.80M parameters, byte vocabulary: the CPU demo and most tests.
     "tiny": lambda: ModelConfig(vocab_size=259, d_model=128, n_layers=4, n_heads=4,
                                 n_kv_heads=2, d_ff=352, max_seq_len=512),

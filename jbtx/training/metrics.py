@@ -31,11 +31,13 @@ def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
   """Model FLOPs of one training token (forward + backward, rematerialisation not counted).
 
   `6 · P` for the active matmul parameters P (all active parameters but the input
-  embedding table, a gather), plus causal self-attention: `QKᵀ` and `AV` cost
-  `4 · seq · n_heads · head_dim` per token and layer forward over the full sequence,
-  half of that under the causal mask, times 3 for forward + backward.
+  embedding table, a gather; a tied table is counted once, as the output layer),
+  plus causal self-attention: `QKᵀ` and `AV` cost `4 · seq · n_heads · head_dim` per
+  token and layer forward over the full sequence, half of that under the causal mask,
+  times 3 for forward + backward.
   """
-  matmul_params = config.num_active_params() - config.vocab_size * config.d_model
+  gather = 0 if config.tie_embeddings else config.vocab_size * config.d_model
+  matmul_params = config.num_active_params() - gather
   attention = 6 * config.n_layers * seq_len * config.n_heads * config.head_dim
   return 6.0 * matmul_params + attention
 

@@ -1,5 +1,6 @@
 """The BTX model as a Hugging Face Mixtral folder (`hf/`), when transformers can run it
-(top-k softmax over the top-k logits, Mixtral's routing); otherwise a log line says why."""
+(top-k softmax over the top-k logits, Mixtral's routing); otherwise a log line says why.
+A converted seed's tokenizer files are copied along."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import jax
 
 from jbtx.config import ExperimentConfig
-from jbtx.interop import checkpoint, conversion
+from jbtx.interop import checkpoint, conversion, hf_folder
 from jbtx.interop.hf_tensor_map import ConversionError
 from jbtx.pipeline import workdir
 from jbtx.pipeline.registry import Stage, register
@@ -67,7 +68,16 @@ class Export(Stage):
       except ConversionError as e:
         log(f"[export] skipped: {e}")
         return
+      _copy_seed_tokenizer(config, staging)
       shutil.copy(workdir.stage_file(paths, EXPORT), staging / workdir.STAGE_FILE)
       shutil.rmtree(out)
       staging.rename(out)
     log(f"[export] wrote {out} (transformers.MixtralForCausalLM.from_pretrained)")
+
+
+def _copy_seed_tokenizer(config: ExperimentConfig, folder: pathlib.Path) -> None:
+  """The seed checkpoint's tokenizer files (a converted HF model carries them), so the
+  exported folder loads with `AutoTokenizer` too."""
+  if config.btx.seed_checkpoint:
+    for file in hf_folder.tokenizer_files(pathlib.Path(config.btx.seed_checkpoint)):
+      shutil.copyfile(file, folder / file.name)

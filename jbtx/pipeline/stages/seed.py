@@ -12,6 +12,7 @@ from typing import Any
 
 from jbtx.config import ConfigError, ExperimentConfig
 from jbtx.config.btx import SEED_EXPERT
+from jbtx.config.model import SHAPE_KEYS
 from jbtx.interop import checkpoint
 from jbtx.pipeline import budgets, experiments, identity
 from jbtx.pipeline.registry import Stage, register
@@ -20,9 +21,6 @@ from jbtx.runtime.signals import StopSignal
 from jbtx.training.loop import train_stage
 
 SEED = "seed"
-# ModelConfig fields a converted seed must share with `config.model`.
-_SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
-               "rope_theta", "norm_eps", "qk_norm", "moe")
 
 
 def seed_identity(config: ExperimentConfig) -> dict[str, Any]:
@@ -66,7 +64,7 @@ class Seed(Stage):
       loaded = checkpoint.load_config(directory)
     except checkpoint.CheckpointError as e:
       raise ConfigError("btx.seed_checkpoint", str(e)) from None
-    for key in _SHAPE_KEYS:
+    for key in SHAPE_KEYS:
       if getattr(loaded, key) != getattr(config.model, key):
         raise ConfigError(f"model.{key}", f"the seed checkpoint {directory} has "
                           f"{getattr(loaded, key)!r}, the config {getattr(config.model, key)!r}")
