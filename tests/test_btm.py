@@ -11,6 +11,7 @@ from jbtx.data.tokenizers import ByteTokenizer
 from jbtx.eval import ensembles
 from jbtx.inference.generate import generate_ragged
 from jbtx.inference.likelihood import target_scores
+from jbtx.inference.sharded import run_rows, stacked_sharding
 from jbtx.methods import btm
 from jbtx.methods.clusters import fit_clusters
 from jbtx.models import presets
@@ -155,6 +156,33 @@ def test_ensemble_of_copies_decodes_like_one_expert_under_the_posterior():
     ours = btm.generate_ensemble(model, stacked, prompts, lengths, 6, top_k=top_k,
                                  smoothing=0.01)
     np.testing.assert_array_equal(ours, generate_ragged(model, trees[0], prompts, lengths, 6))
+
+
+def test_ensembles_sharded_over_a_mesh_decode_and_score_as_on_one_device():
+  """The members stacked `[N, …]` with each sharded as training shards it: ensemble
+  decoding (running posterior, and fixed c-BTM weights) and target scores equal the
+  one-device results."""
+  model, trees = _experts(3)
+  prompts, lengths = _prompts(model.config.vocab_size)
+  stacked = btm.stack_params(trees)
+  mesh = make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
+  placed = jax.device_put(stacked, stacked_sharding(model, mesh))
+  decoder = ensembles.ensemble_decoder(model, mesh, 6, 2, 0.01, None, False)
+  np.testing.assert_array_equal(
+      run_rows(decoder, placed, mesh, prompts, lengths),
+      btm.generate_ensemble(model, stacked, prompts, lengths, 6, top_k=2, smoothing=0.01))
+  weights = np.asarray(jax.nn.softmax(jax.random.normal(jax.random.key(5), (3, 3))))
+  given = ensembles.ensemble_decoder(model, mesh, 6, 0, 0.0, None, True)
+  np.testing.assert_array_equal(
+      run_rows(given, placed, mesh, prompts, lengths, weights),
+      btm.generate_ensemble(model, stacked, prompts, lengths, 6, weights=jnp.asarray(weights)))
+  segments = (np.arange(8) < np.asarray(lengths)[:, None]).astype(np.int32)
+  chosen, greedy = run_rows(ensembles.ensemble_scorer(model, mesh, 2, 0.01), placed, mesh,
+                            prompts, segments)
+  expected = btm.ensemble_target_scores(model, stacked, prompts, jnp.asarray(segments),
+                                        top_k=2, smoothing=0.01)
+  np.testing.assert_allclose(chosen, expected[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(greedy, expected[1])
 
 
 def test_cbtm_context_weights_are_distributions_from_the_text_before_each_chunk():

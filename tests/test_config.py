@@ -192,7 +192,7 @@ def test_btx_settings_name_their_key(mutate, key, fragment):
   assert fragment in str(info.value)
 
 
-@pytest.mark.parametrize("platform", ["tpu_v5p_128", "gpu_8"])
+@pytest.mark.parametrize("platform", ["tpu_v5p_128", "tpu_v6e_64", "gpu_8"])
 def test_paper_scale_btx_config_is_the_papers_model(platform):
   config = from_mapping(ExperimentConfig, llama2_7b_btx.get_config(platform))
   assert config.btx.expert_names == ("code", "math", "wiki", "seed")

@@ -17,8 +17,6 @@ from jbtx.config import ConfigError, EvalConfig, ExperimentConfig, from_mapping
 from jbtx.data import loader
 from jbtx.eval import ensembles
 from jbtx.inference import likelihood
-from jbtx.methods import btm
-from jbtx.models.llama import Llama
 from jbtx.pipeline.stages.evaluation import evaluate_workdir, row_of
 from jbtx.pipeline.workdir import workdir_config
 from tests.training_runs import btx_run, run_env  # noqa: F401 (fixtures)
@@ -136,9 +134,8 @@ def test_btm_ensembles_score_task_files_and_cbtm_skips_multiple_choice(btx_run, 
   sums, choices = _task_files(_config(btx_run), tmp_path)
   config = _config(btx_run, tasks=(str(sums), str(choices)), max_new_tokens=8)
   config = dataclasses.replace(config, btx=dataclasses.replace(config.btx, task_examples=0))
-  model_config, trees = ensembles._host_members([btx_run / "expert" / d for d in ("code",
-                                                                                "math")])
-  model, stacked = Llama(model_config), btm.stack_params(trees)
+  model, stacked = ensembles.stacked_members(config, [btx_run / "expert" / d
+                                                      for d in ("code", "math")])
   tasks = ensembles._ensemble_tasks(config, model, stacked, top_k=1)
   assert set(tasks) == {"sums", "capitals"}
   assert tasks["sums"]["n"] == 3 and tasks["capitals"]["n"] == 4

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jbtx.config import ModelConfig, MoEConfig
+from jbtx.config import MeshConfig, ModelConfig, MoEConfig
+from jbtx.inference.sharded import params_sharding
 from jbtx.interop import checkpoint
 from jbtx.interop.tensor_source import CheckpointSource, TreeSource
 from jbtx.methods import mix, router_init
@@ -27,6 +28,7 @@ from jbtx.models import presets
 from jbtx.models.layers import MLP
 from jbtx.models.llama import Llama, abstract_params, init_params, unstack_layers
 from jbtx.models.moe import MoE
+from jbtx.runtime import sharding
 
 DENSE = presets.get("micro")  # scanned layout, 2 layers, d_model 32, d_ff 72
 N_MODELS = 3
@@ -287,6 +289,11 @@ def test_hidden_routers_send_each_domains_tokens_to_its_own_expert(models):
     inputs = np.concatenate([_ffn_inputs(params, b) for b in batches], axis=1)
     assert inputs.shape[1] == 2 * 4 * (SEQ - 4)
     np.testing.assert_allclose(means[d], inputs.mean(axis=1), rtol=1e-5, atol=1e-6)
+
+  mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
+  placed = jax.device_put(params, params_sharding(model, mesh))  # no device holds it whole
+  np.testing.assert_allclose(router_init.mean_hidden(model, placed, fit[0], mesh), means[0],
+                             rtol=1e-5, atol=1e-6)
 
   routers = router_init.hidden_routers(means)
   assert routers.shape == (DENSE.n_layers, DENSE.d_model, len(DOMAINS))

@@ -78,10 +78,11 @@ def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say():
   shardings = train_state_shardings(model, optimizer, mesh)
   params = shardings.params
   expected = {
-      ("embed", "embedding"): P(None, "fsdp"),  # [vocab 97, embed]: 97 is odd -> replicated
-      ("lm_head", "kernel"): P("fsdp", None),
-      ("layers", "attn", "q", "kernel"): P(None, "fsdp", "tensor", None),
-      ("layers", "attn", "o", "kernel"): P(None, "tensor", None, "fsdp"),
+      # [vocab 97, embed]: 97 is odd -> replicated; embed over fsdp x expert (ZeRO).
+      ("embed", "embedding"): P(None, ("fsdp", "expert")),
+      ("lm_head", "kernel"): P(("fsdp", "expert"), None),
+      ("layers", "attn", "q", "kernel"): P(None, ("fsdp", "expert"), "tensor", None),
+      ("layers", "attn", "o", "kernel"): P(None, "tensor", None, ("fsdp", "expert")),
       ("layers", "attn_norm", "scale"): P(None, None),
       ("layers", "moe", "router"): P(None, "fsdp", "expert"),
       ("layers", "moe", "gate"): P(None, "expert", "fsdp", "tensor"),
@@ -100,6 +101,32 @@ def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say():
   gate = abstract.params["layers"]["moe"]["gate"]
   assert gate.shape == (2, 4, 32, 24) and gate.sharding == params["layers"]["moe"]["gate"]
   assert abstract.rng.shape == (2,) and abstract.rng.dtype == np.uint32
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_no_large_parameter_or_moment_is_replicated_over_a_sharding_axis(moe):
+  """On a mesh with fsdp, expert and tensor axes, every leaf of the train state above
+  64K elements is split over all three (dense stages too: the expert axis shards their
+  parameters as ZeRO would); only "data" replicates parameters."""
+  config = dataclasses.replace(
+      presets.get("tiny_moe" if moe else "tiny"), vocab_size=512, d_model=256, d_ff=512)
+  model = Llama(config)
+  mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
+  state = abstract_train_state(model, make_optimizer(OptimizerConfig(), 10), mesh)
+  large = [(jax.tree_util.keystr(path), leaf) for path, leaf in
+           jax.tree_util.tree_leaves_with_path(state) if leaf.size > 65536]
+  assert len(large) >= 8
+  for name, leaf in large:
+    spec = leaf.sharding.spec
+    used = {a for entry in spec for a in ((entry,) if isinstance(entry, str) else entry or ())}
+    assert used == {"fsdp", "expert", "tensor"}, (name, leaf.shape, spec)
+
+
+def test_an_axis_that_does_not_divide_is_dropped_from_a_multi_axis_dimension():
+  mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=4, expert=2))
+  assert sharding.logical_to_spec(("embed",), (32,), mesh) == P(("fsdp", "expert"))
+  assert sharding.logical_to_spec(("embed",), (12,), mesh) == P("fsdp")
+  assert sharding.logical_to_spec(("embed",), (6,), mesh) == P(None)
 
 
 def test_global_batch_is_split_over_the_batch_axes():

@@ -19,11 +19,13 @@ from jax.sharding import PartitionSpec as P
 
 from jbtx.config import MeshConfig, OptimizerConfig
 from jbtx.models import presets
-from jbtx.models.llama import Llama
+from jbtx.models.forward import valid_targets
+from jbtx.models.llama import Llama, abstract_params
 from jbtx.runtime import sharding
 from jbtx.training.optimizer import make_optimizer
 from jbtx.training.step import (
   abstract_train_state,
+  make_eval_step,
   make_init,
   make_train_step,
   train_state_shardings,
@@ -156,3 +158,18 @@ def test_non_finite_step_is_skipped_and_leaves_the_state_untouched():
   jax.tree.map(np.testing.assert_array_equal,
                (new_state.params, new_state.opt_state, new_state.rng),
                (before.params, before.opt_state, before.rng))
+
+
+def test_micro_batched_eval_step_equals_whole_batch():
+  """The eval step in micro-batches (as the 7B configs run it) sums the same loss."""
+  model, _ = _setup("mixed")
+  params = _reference("mixed")[0].params
+  results = []
+  for shape, micro_batches in [((), 1), ((2, 2, 2, 1), 4)]:
+    mesh = sharding.make_mesh(MeshConfig(*shape), jax.devices()[:1] if not shape else None)
+    step = make_eval_step(model, mesh, micro_batches)
+    placed = jax.device_put(params, sharding.param_shardings(abstract_params(model), mesh))
+    results.append(jax.device_get(step(placed, sharding.global_batch(mesh, _batch()))))
+  (whole, count), (micro, micro_count) = results
+  assert whole > 0 and count == micro_count == np.sum(valid_targets(_batch()["segment_ids"]))
+  np.testing.assert_allclose(micro, whole, rtol=1e-5)

@@ -5,11 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jbtx.config import MeshConfig
 from jbtx.data.tokenizers import ByteTokenizer
 from jbtx.eval import tasks
 from jbtx.inference import generate as gen
+from jbtx.inference.sharded import make_generator, params_sharding, ragged_decoder
 from jbtx.models import presets
 from jbtx.models.llama import Llama, init_params
+from jbtx.runtime import sharding
 
 
 def _model(preset: str, **overrides):
@@ -39,6 +42,23 @@ def test_ragged_generation_matches_each_prompt_alone(preset):
   out = gen.generate_ragged(model, params, prompts, lengths, max_new_tokens=6)
   assert out.shape == (3, 6) and out.dtype == jnp.int32
   np.testing.assert_array_equal(out, _one_by_one(model, params, prompts, lengths, 6))
+
+
+@pytest.mark.parametrize("preset", ["micro", "micro_moe"])
+def test_generation_sharded_over_a_mesh_equals_one_device(preset):
+  """`make_generator`: parameters, prompts and the KV cache sharded over fsdp, expert
+  and tensor axes; 3 prompts padded to the 4 batch shards; the same tokens."""
+  model, params = _model(preset)
+  prompts, lengths = _prompts(model.config.vocab_size, [5, 1, 8])
+  mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
+  placed = jax.device_put(params, params_sharding(model, mesh))
+  generate = make_generator(model, placed, mesh)
+  np.testing.assert_array_equal(generate(prompts, lengths, 6, eos_id=3),
+                                gen.generate_ragged(model, params, prompts, lengths, 6, eos_id=3))
+  compiled = ragged_decoder(model, mesh, 6, 3).lower(
+      placed, *sharding.global_rows(mesh, *sharding.padded_rows(
+          [np.asarray(prompts), np.asarray(lengths)], mesh)[0])).compile()
+  assert "all-gather" in compiled.as_text()  # the weights stay sharded between layers
 
 
 def test_ragged_generation_fills_with_eos():

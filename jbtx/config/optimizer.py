@@ -20,6 +20,8 @@ class OptimizerConfig:
   decoupled weight decay) of the MoE routers / expert FFNs (`optimizer.parameter_group`).
   `grad_accum_steps`: micro-batches per step; the global batch is split into that many
   micro-batches whose gradients are summed, token-weighted, before one update.
+  `moment_dtype`: how Adam's first and second moments are stored ("bfloat16" halves
+  their memory; the update is computed in float32 either way).
   """
 
   learning_rate: float = 3e-3
@@ -34,6 +36,7 @@ class OptimizerConfig:
   router_lr_multiplier: float = 1.0
   experts_lr_multiplier: float = 1.0
   grad_accum_steps: int = 1
+  moment_dtype: Literal["float32", "bfloat16"] = "float32"
 
   def __post_init__(self):
     _require(self.learning_rate > 0, "learning_rate",

@@ -25,21 +25,26 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import unflatten_dict
+from jax.sharding import Mesh
 
 from jbtx.config import ExperimentConfig
 from jbtx.data import loader
 from jbtx.data.tokenizers import Tokenizer
 from jbtx.eval.scoring import (
-    evaluate_params,
-    score_task_files,
-    score_tasks_of,
-    task_domains,
-    task_files,
+  evaluate_params,
+  score_task_files,
+  score_tasks_of,
+  task_domains,
+  task_files,
 )
 from jbtx.inference.likelihood import target_scores
+from jbtx.inference.sharded import on_mesh, params_sharding, run_rows, stacked_sharding
 from jbtx.interop import checkpoint
+from jbtx.interop.tensor_source import CheckpointSource
 from jbtx.methods import btm
 from jbtx.methods.clusters import TfidfClusters, cluster_weights
+from jbtx.methods.mix import weighted_mean
 from jbtx.models.forward import valid_targets
 from jbtx.models.llama import Llama, abstract_params
 from jbtx.runtime import sharding
@@ -100,31 +105,56 @@ def ensemble_losses(log_probs: Mapping[str, np.ndarray], batches: Mapping[str, S
   return losses
 
 
+@functools.lru_cache(maxsize=32)
+def ensemble_decoder(model: Llama, mesh: Mesh, max_new_tokens: int, top_k: int,
+                      smoothing: float, eos_id: int | None, given_weights: bool) -> Any:
+  """`(stacked, tokens, lengths[, weights]) -> ids`: `btm.generate_ensemble` on `mesh`."""
+
+  def step(stacked, tokens, lengths, *weights):
+    return btm.generate_ensemble(model, stacked, tokens, lengths, max_new_tokens, top_k=top_k,
+                                 smoothing=smoothing, weights=weights[0] if weights else None,
+                                 eos_id=eos_id)
+
+  return on_mesh(step, mesh, stacked_sharding(model, mesh), 3 if given_weights else 2)
+
+
+@functools.lru_cache(maxsize=32)
+def ensemble_scorer(model: Llama, mesh: Mesh, top_k: int, smoothing: float) -> Any:
+  """`(stacked, tokens, segments) -> (log-probs, greedy)`: `btm.ensemble_target_scores`
+  on `mesh`."""
+
+  def step(stacked, tokens, segments):
+    return btm.ensemble_target_scores(model, stacked, tokens, segments, top_k=top_k,
+                                      smoothing=smoothing)
+
+  return on_mesh(step, mesh, stacked_sharding(model, mesh), 2)
+
+
 def _ensemble_tasks(config: ExperimentConfig, model: Llama, stacked: Any, top_k: int,
                     prompt_weights: Any = None) -> dict[str, Any]:
-  """Task accuracy of the ensemble; `prompt_weights(prompts) -> [batch, N]` fixes the
-  weights from the prompts (c-BTM), None = the running posterior (BTM).
+  """Task accuracy of the ensemble (`stacked` on the mesh of `config.mesh`);
+  `prompt_weights(prompts) -> [batch, N]` fixes the weights from the prompts (c-BTM),
+  None = the running posterior (BTM).
 
   Multiple-choice task files are scored under the running posterior (BTM only: c-BTM's
   weights would come from a prompt that the scored sequence runs past)."""
   tokenizer = loader.make_tokenizer(config.data)
+  mesh = sharding.make_mesh(config.mesh)
+  smoothing = config.btm.smoothing
 
   def generate(tokens, lengths, max_new_tokens, eos_id):
-    weights = None
-    if prompt_weights is not None:
-      texts = [tokenizer.decode(row[:n]) for row, n in zip(np.asarray(tokens),
-                                                           np.asarray(lengths), strict=True)]
-      weights = jnp.asarray(prompt_weights(texts))
-    return btm.generate_ensemble(model, stacked, tokens, lengths, max_new_tokens,
-                                 top_k=top_k, smoothing=config.btm.smoothing,
-                                 weights=weights, eos_id=eos_id)
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    decoder = ensemble_decoder(model, mesh, max_new_tokens, top_k, smoothing, eos_id,
+                                prompt_weights is not None)
+    if prompt_weights is None:
+      return run_rows(decoder, stacked, mesh, tokens, lengths)
+    texts = [tokenizer.decode(row[:n]) for row, n in zip(tokens, lengths, strict=True)]
+    return run_rows(decoder, stacked, mesh, tokens, lengths, prompt_weights(texts))
 
   def score(tokens, lengths):
     segments = (np.arange(tokens.shape[1]) < lengths[:, None]).astype(np.int32)
-    chosen, greedy = btm.ensemble_target_scores(model, stacked, jnp.asarray(tokens),
-                                                jnp.asarray(segments), top_k=top_k,
-                                                smoothing=config.btm.smoothing)
-    return np.asarray(chosen), np.asarray(greedy)
+    return run_rows(ensemble_scorer(model, mesh, top_k, smoothing), stacked, mesh, tokens,
+                    segments)
 
   tasks = {}
   if config.btx.task_examples:
@@ -137,9 +167,26 @@ def _ensemble_tasks(config: ExperimentConfig, model: Llama, stacked: Any, top_k:
   return tasks | score_task_files(config, scored, generate, score, model.config.max_seq_len)
 
 
-def _host_members(directories: Sequence[Any]) -> tuple[Any, list[Any]]:
+def stacked_members(config: ExperimentConfig, directories: Sequence[Any]) -> tuple[Llama, Any]:
+  """The members' decoder and their parameters stacked `[N, ...]` on the mesh of
+  `config.mesh`, each member sharded as training shards it (loaded one at a time)."""
+  mesh = sharding.make_mesh(config.mesh)
   model_config = checkpoint.load_config(directories[0])
-  return model_config, [checkpoint.load_params_for(d, model_config) for d in directories]
+  model = Llama(model_config)
+  member = params_sharding(model, mesh)
+  trees = [jax.device_put(checkpoint.load_params_for(d, model_config), member)
+           for d in directories]
+  stack = jax.jit(lambda *trees: btm.stack_params(trees),
+                  out_shardings=stacked_sharding(model, mesh))
+  return model, stack(*trees)
+
+
+def average_checkpoints(directories: Sequence[Any], weights: Sequence[float]) -> Any:
+  """`Σ_j w_j θ_j / Σ_j w_j` of the members' checkpoints, a tensor at a time (read
+  through TensorStore: N tensors in memory, not N models), in their stored layout."""
+  sources = [CheckpointSource(d) for d in directories]
+  return unflatten_dict({path: weighted_mean((s.leaf(path) for s in sources), weights)
+                         for path in sources[0].leaf_paths()})
 
 
 @contextlib.contextmanager
@@ -167,8 +214,7 @@ def btm_rows(config: ExperimentConfig, members: Mapping[str, Any]) -> dict[str, 
                                                        **{f"t/{d}": b for d, b in
                                                           held_out.items()}})
   valid = {d: log_probs[f"v/{d}"] for d in domains}
-  model_config, trees = _host_members(directories)
-  model, stacked = Llama(model_config), btm.stack_params(trees)
+  model, stacked = stacked_members(config, directories)
   rows = {}
   for k in config.btm.top_k:
     def posterior(domain, i, values, k=k):
@@ -181,13 +227,14 @@ def btm_rows(config: ExperimentConfig, members: Mapping[str, Any]) -> dict[str, 
     with _timed(f"{name}: tasks"):
       rows[name] = _row(losses, _ensemble_tasks(config, model, stacked, k))
   with _timed("btm average"):
-    rows["btm average"] = evaluate_params(config, model_config,
-                                          btm.average_params(trees, [1.0] * len(trees)))
+    uniform = average_checkpoints(directories, [1.0] * len(directories))
+    rows["btm average"] = evaluate_params(config, model.config, uniform)
   weights = {d: mean_posterior(log_probs[f"t/{d}"], held_out[d], config.btm.smoothing)
              for d in domains}
   with _timed("btm posterior average"):
-    averaged = [evaluate_params(config, model_config, btm.average_params(trees, weights[d]),
-                                domains=[d]) for d in domains]
+    averaged = [evaluate_params(config, model.config,
+                                average_checkpoints(directories, weights[d]), domains=[d])
+                for d in domains]
   rows["btm posterior average"] = {
       "domains": {d: r["domains"][d] for d, r in zip(domains, averaged, strict=True)},
       "tasks": {t: r["tasks"][t] for r in averaged for t in r["tasks"]},
@@ -251,8 +298,7 @@ def cbtm_rows(config: ExperimentConfig, members: Sequence[Any],
   weights = {d: [context_weights(clusters, tokenizer, b, btm_config.context_stride,
                                  btm_config.temperature) for b in batches]
              for d, batches in validation.items()}
-  model_config, trees = _host_members(members)
-  model, stacked = Llama(model_config), btm.stack_params(trees)
+  model, stacked = stacked_members(config, members)
   prompt_weights = functools.partial(_prompt_weights, clusters, btm_config.temperature)
   rows = {}
   for k in btm_config.top_k:

@@ -12,7 +12,6 @@ lm_eval as "jbtx", loaded from a workdir.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,8 +22,8 @@ from lm_eval.api.model import LM
 
 from jbtx.data.tokenizers import Tokenizer
 from jbtx.eval.tasks import generate_continuations
-from jbtx.inference.generate import generate_ragged
 from jbtx.inference.likelihood import encode_pair, make_scorer, pair_log_likelihoods
+from jbtx.inference.sharded import make_generator
 from jbtx.models.llama import Llama, abstract_params
 from jbtx.runtime import sharding
 
@@ -50,7 +49,7 @@ class HarnessModel(LM):
     self._model, self._mesh, self._tokenizer = model, mesh, tokenizer
     params = jax.device_put(params, sharding.param_shardings(abstract_params(model), mesh))
     self._score = make_scorer(model, params, mesh)
-    self._generate = functools.partial(generate_ragged, model, sharding.host_params(params))
+    self._generate = make_generator(model, params, mesh)
     self._max_len = model.config.max_seq_len
     shards = sharding.batch_shards(mesh)
     self._batch_size = -(-int(batch_size) // shards) * shards
@@ -64,12 +63,15 @@ class HarnessModel(LM):
 
   def loglikelihood_rolling(self, requests) -> list[float]:
     """log p(text) of each request's `(text,)`, in disjoint windows of the model's length
-    (the first conditioned on BOS), as lm-eval defines it."""
+    (the first conditioned on BOS, or on EOS for a model without BOS), as lm-eval
+    defines it."""
     windows, owners = [], []
+    bos = self._tokenizer.bos_id
+    prefix = int(self._tokenizer.eos_id if bos is None else bos)
     for index, request in enumerate(requests):
       ids = [int(i) for i in self._tokenizer.encode(request.args[0], add_bos=False)]
       for window in lm_utils.get_rolling_token_windows(
-          token_list=ids, prefix_token=int(self._tokenizer.bos_id),
+          token_list=ids, prefix_token=prefix,
           max_seq_len=self._max_len - 1, context_len=1):
         windows.append(lm_utils.make_disjoint_window(window))
         owners.append(index)

@@ -23,8 +23,8 @@ from jbtx.config import ConfigError, ExperimentConfig, ModelConfig
 from jbtx.data import demo, loader
 from jbtx.eval.task_files import TaskFile, TaskFileError, load_task_file
 from jbtx.eval.tasks import multiple_choice, score_tasks
-from jbtx.inference.generate import generate_ragged
 from jbtx.inference.likelihood import Score, make_scorer
+from jbtx.inference.sharded import make_generator
 from jbtx.interop import checkpoint
 from jbtx.models.llama import Llama, abstract_params
 from jbtx.runtime import sharding
@@ -60,7 +60,7 @@ def evaluate_params(config: ExperimentConfig, model_config: ModelConfig, params:
   params = jax.device_put(params, sharding.param_shardings(abstract_params(model), mesh))
   every_domain = domains is None
   domains = list(config.data.domains) if every_domain else list(domains)
-  eval_step = _eval_step(model_config, mesh)
+  eval_step = _eval_step(model_config, mesh, config.optimizer.grad_accum_steps)
   losses = {}
   for domain in domains:
     total, count = domain_loss(params, config, mesh, eval_step, domain)
@@ -68,7 +68,7 @@ def evaluate_params(config: ExperimentConfig, model_config: ModelConfig, params:
   tasks = {}
   generate = None
   if config.btx.task_examples or config.eval.tasks:
-    generate = functools.partial(generate_ragged, model, sharding.host_params(params))
+    generate = make_generator(model, params, mesh)
   if config.btx.task_examples:
     for domain in [d for d in task_domains(config) if d in domains]:
       tasks[domain] = score_tasks_of(config, domain, generate)
@@ -81,10 +81,10 @@ def evaluate_params(config: ExperimentConfig, model_config: ModelConfig, params:
 
 
 @functools.lru_cache(maxsize=16)
-def _eval_step(model_config: ModelConfig, mesh: Any) -> Any:
+def _eval_step(model_config: ModelConfig, mesh: Any, micro_batches: int) -> Any:
   """One compiled evaluation step per model shape and mesh, shared by every model of
   that shape the stage evaluates (the seed, the experts, BTM's averages, …)."""
-  return make_eval_step(Llama(model_config), mesh)
+  return make_eval_step(Llama(model_config), mesh, micro_batches)
 
 
 def score_tasks_of(config: ExperimentConfig, domain: str, generate: Any) -> dict[str, Any]:

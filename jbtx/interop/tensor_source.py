@@ -7,6 +7,7 @@ A source presents any jbtx decoder the same way, whether its layers are scanned 
     source.layer_paths()  ("attn", "q", "kernel"), …, ("mlp", "gate", "kernel"), …
     source.top(path)      one whole tensor
     source.layer(path, i) layer i of a per-layer tensor
+    source.leaf_paths(), source.leaf(path)    every tensor as stored (layers stacked or not)
 
 `CheckpointSource` reads a checkpoint on disk through TensorStore, so a layer of a
 stacked kernel is read without building the whole model in memory; `TreeSource` wraps
@@ -44,6 +45,10 @@ class _Source:
     self.config = config
     self._paths = list(flatten_dict(dict(structure)))
 
+  def leaf_paths(self) -> list[Path]:
+    """Every stored tensor's path, in the layout it is stored in."""
+    return list(self._paths)
+
   def top_paths(self) -> list[Path]:
     return [p for p in self._paths if not _is_layer_key(p[0])]
 
@@ -65,6 +70,8 @@ class TreeSource(_Source):
 
   def top(self, path: Path) -> np.ndarray:
     return np.asarray(self._leaves[path])
+
+  leaf = top
 
   def layer(self, path: Path, index: int) -> np.ndarray:
     self._check_layer(index)
@@ -100,6 +107,8 @@ class CheckpointSource(_Source):
 
   def top(self, path: Path) -> np.ndarray:
     return self._open(path).read().result()
+
+  leaf = top
 
   def layer(self, path: Path, index: int) -> np.ndarray:
     self._check_layer(index)

@@ -10,6 +10,7 @@ its input's projection on how domain i differs from the others.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -17,6 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+
+from jbtx.inference.sharded import on_mesh, params_sharding
+from jbtx.runtime import sharding
 
 
 def _mlp_inputs(model: nn.Module, params: Any, batch: Mapping[str, jax.Array]) -> list:
@@ -44,19 +49,32 @@ def _layer_order(key: str) -> tuple[int, str]:
   return (int(suffix), key) if key.startswith("layers_") and suffix.isdigit() else (-1, key)
 
 
-def mean_hidden(model: nn.Module, params: Any,
-                batches: Iterable[Mapping[str, np.ndarray]]) -> np.ndarray:
-  """Mean FFN input of each layer over the real tokens (segment id > 0): `[layers, embed]`."""
+def _hidden_sums(model: nn.Module, params: Any, batch: Mapping[str, jax.Array]):
+  """Each layer's FFN inputs summed over the real tokens `[layers, embed]`, and their count."""
+  hidden = jnp.concatenate(_mlp_inputs(model, params, batch), axis=0).astype(jnp.float32)
+  real = (batch["segment_ids"] > 0).astype(jnp.float32)
+  return jnp.einsum("lbsd,bs->ld", hidden, real), jnp.sum(real)
 
-  @jax.jit
-  def sums(params, batch):
-    hidden = jnp.concatenate(_mlp_inputs(model, params, batch), axis=0).astype(jnp.float32)
-    real = (batch["segment_ids"] > 0).astype(jnp.float32)
-    return jnp.einsum("lbsd,bs->ld", hidden, real), jnp.sum(real)
 
+@functools.lru_cache(maxsize=8)
+def hidden_sums_step(model: nn.Module, mesh: Mesh | None) -> Any:
+  """`(params, batch) -> (sums [layers, embed], count)`, jit-compiled; with `mesh`,
+  the parameters placed as training shards them and the batch's rows split over the
+  batch axes (no device holds the whole model)."""
+  sums = functools.partial(_hidden_sums, model)
+  return jax.jit(sums) if mesh is None else on_mesh(sums, mesh, params_sharding(model, mesh), 1)
+
+
+def mean_hidden(model: nn.Module, params: Any, batches: Iterable[Mapping[str, np.ndarray]],
+                mesh: Mesh | None = None) -> np.ndarray:
+  """Mean FFN input of each layer over the real tokens (segment id > 0): `[layers, embed]`
+  (`hidden_sums_step`; with `mesh`, `params` placed by `params_sharding`)."""
+  step = hidden_sums_step(model, mesh)
   total, count = 0.0, 0.0
   for batch in batches:
-    s, n = sums(params, {k: jnp.asarray(v) for k, v in batch.items()})
+    placed = ({k: jnp.asarray(v) for k, v in batch.items()} if mesh is None
+              else sharding.global_batch(mesh, sharding.local_rows(dict(batch))))
+    s, n = step(params, placed)
     total, count = total + np.asarray(s, np.float64), count + float(n)
   if count == 0:
     raise ValueError("router_init 'hidden': the batches hold no tokens")

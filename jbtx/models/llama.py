@@ -130,6 +130,11 @@ class Attention(nn.Module):
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
     index.value = start + q_len
+    # The cache is a loop carry of decoding: pin its layout (rows over the batch axes,
+    # heads over tensor) so the compiler never gathers it.
+    kv_axes = ("act_batch", "act_length", "act_kv_heads", "act_head_dim")
+    cached_k.value = constrain(cached_k.value, kv_axes)
+    cached_v.value = constrain(cached_v.value, kv_axes)
     query_index = start + jnp.arange(q_len)
     mask = jnp.arange(cache_len)[None, :] <= query_index[:, None]
     return cached_k.value, cached_v.value, mask[None, None]

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jbtx.config import ModelConfig
 from jbtx.models import dispatch, expert_parallel, routing
 from jbtx.models.layers import MLP, dtype_of, kernel_init
+from jbtx.runtime import sharding
 
 
 def dispatch_path(config: ModelConfig) -> str:
@@ -60,7 +61,7 @@ def dispatch_path(config: ModelConfig) -> str:
     return "dense"
   if moe.routing == "expert_choice":
     return "expert_choice"
-  return "blocked" if jax.default_backend() == "cpu" else "dropless"
+  return "blocked" if sharding.target_platform() == "cpu" else "dropless"
 
 
 class MoE(nn.Module):

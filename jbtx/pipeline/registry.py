@@ -79,6 +79,10 @@ class Stage:
   def validate(self, config: ExperimentConfig) -> None:
     """Raises ConfigError (naming the key) if this kind cannot run `config`."""
 
+  def check_files(self, config: ExperimentConfig) -> None:
+    """Raises ConfigError (naming the key) if a file outside the workdir that `config`
+    names for this kind is missing or does not fit (a converted seed)."""
+
   def run(self, config: ExperimentConfig, paths: Paths, stop: StopSignal, stage: str) -> None:
     """Makes `stage`'s output in `paths.stage_dir(stage)`."""
     raise NotImplementedError
@@ -184,9 +188,10 @@ def kind_of(config: ExperimentConfig, stage: str) -> Stage:
   raise ConfigError("btx.only", f"{stage!r} is not a stage of this experiment")
 
 
-def validate(config: ExperimentConfig) -> None:
+def validate(config: ExperimentConfig, files: bool = True) -> None:
   """The checks of the kinds the experiment uses (those with stages in it, and the
-  listed baselines), the baselines' names and `btx.only`.
+  listed baselines), with `files` those of the files they read from outside the
+  workdir, the baselines' names and `btx.only`.
 
   Raises:
     ConfigError: naming the key.
@@ -201,6 +206,8 @@ def validate(config: ExperimentConfig) -> None:
   for k in kinds(config):
     if k.name in used:
       k.validate(config)
+      if files:
+        k.check_files(config)
   if config.btx.only and config.btx.only not in names:
     raise ConfigError("btx.only", f"must be one of {', '.join(names)}, got "
                       f"{config.btx.only!r}")

@@ -5,17 +5,22 @@ The mesh has four axes, `MESH_AXES = ("data", "fsdp", "expert", "tensor")`:
   data    replicates parameters; splits the batch.
   fsdp    shards parameters on their "embed" dimension (gathered per layer by XLA);
           splits the batch.
-  expert  shards MoE experts; outside MoE layers it splits the batch like "data".
+  expert  shards MoE experts; every other parameter's "embed" dimension is split over
+          fsdp × expert (ZeRO-style: no parameter or optimizer moment is replicated
+          over it), and outside MoE layers it splits the batch like "data".
   tensor  shards hidden ("mlp"), head and vocabulary dimensions (Megatron-style).
 
 Model code names axes logically (`jbtx.models.layers`); `AXIS_RULES` is the one table
 that maps those names to mesh axes, for parameters and activations alike. A new
-layout is a new table, not new model code.
+layout is a new table, not new model code. Rules apply in order, a mesh axis at most
+once per array: an expert kernel `[expert, embed, mlp]` takes "expert" for its experts,
+so its "embed" falls through to the fsdp-only rule.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -30,18 +35,20 @@ from jax.sharding import PartitionSpec as P
 from jbtx.config import MESH_AXES, ConfigError, MeshConfig
 
 BATCH_AXES = ("data", "fsdp", "expert")
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("platform", default=None)
 
 MeshAxes = str | tuple[str, ...] | None
 
 AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
     # Parameters.
+    ("expert", "expert"),
     ("vocab", "tensor"),
+    ("embed", ("fsdp", "expert")),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
-    ("expert", "expert"),
     ("norm", None),
     ("layers", None),
     # Activations.
@@ -116,17 +123,18 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
   """The mesh `PartitionSpec` of an array with logical `axes` and `shape` under `AXIS_RULES`.
 
-  A dimension whose size the mapped mesh axes do not divide stays replicated (e.g. a
-  vocabulary of 97 on tensor=2): jit boundaries need even shards.
+  A dimension is split over as many of its mapped mesh axes, in order, as divide its
+  size; one they do not divide stays replicated (e.g. a vocabulary of 97 on tensor=2):
+  jit boundaries need even shards.
   """
   spec = nn.logical_to_mesh_axes(tuple(axes), AXIS_RULES)
   entries = []
   for entry, size in zip(spec, shape, strict=True):
     names = (entry,) if isinstance(entry, str) else tuple(entry or ())
     names = tuple(n for n in names if mesh.shape[n] > 1)
-    shards = math.prod(mesh.shape[n] for n in names)
-    entries.append(None if not names or size % shards else
-                   names[0] if len(names) == 1 else names)
+    while names and size % math.prod(mesh.shape[n] for n in names):
+      names = names[:-1]
+    entries.append(None if not names else names[0] if len(names) == 1 else names)
   return P(*entries)
 
 
@@ -155,6 +163,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, None))
 
 
+def check_batch_rows(mesh: Mesh, rows: int) -> None:
+  """Raises ConfigError ('data.batch_size') unless `rows` split evenly over the mesh's
+  batch shards."""
+  shards = batch_shards(mesh)
+  if rows % shards:
+    raise ConfigError("data.batch_size",
+                      f"the global batch ({rows} rows) must be divisible by the mesh's "
+                      f"{shards} batch shards (mesh.data x mesh.fsdp x mesh.expert = "
+                      f"{' x '.join(str(mesh.shape[a]) for a in BATCH_AXES)})")
+
+
 def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
   """Each process's rows `[local_batch, seq]` -> global arrays `[global_batch, seq]`.
 
@@ -165,13 +184,7 @@ def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, ja
     ConfigError: ('data.batch_size') if the global batch does not split evenly over
       the mesh's batch shards.
   """
-  shards = batch_shards(mesh)
-  rows = next(iter(local_batch.values())).shape[0] * jax.process_count()
-  if rows % shards:
-    raise ConfigError("data.batch_size",
-                      f"the global batch ({rows} rows) must be divisible by the mesh's "
-                      f"{shards} batch shards (mesh.data x mesh.fsdp x mesh.expert = "
-                      f"{' x '.join(str(mesh.shape[a]) for a in BATCH_AXES)})")
+  check_batch_rows(mesh, next(iter(local_batch.values())).shape[0] * jax.process_count())
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}
@@ -179,13 +192,26 @@ def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, ja
 
 @contextlib.contextmanager
 def sharding_rules(mesh: Mesh):
-  """Activates `AXIS_RULES` and `mesh` for the logical constraints of model code.
+  """Activates `AXIS_RULES` and `mesh` for the logical constraints of model code, and
+  the mesh's platform for `target_platform`.
 
   Enter it inside a function being traced by `jax.jit` (it sets the abstract mesh,
   which is allowed under tracing).
   """
-  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(AXIS_RULES):
-    yield
+  token = _PLATFORM.set(mesh.devices.flat[0].platform)
+  try:
+    with (jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+          nn.logical_axis_rules(AXIS_RULES)):
+      yield
+  finally:
+    _PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+  """The platform the code being traced runs on: that of the mesh of `sharding_rules`,
+  else JAX's default backend. Compiling ahead of time for TPU devices on a CPU host
+  (`jbtx.compile`) thus picks the TPU code paths (e.g. the MoE dispatch)."""
+  return _PLATFORM.get() or jax.default_backend()
 
 
 def host_params(params: Any) -> Any:
@@ -193,6 +219,28 @@ def host_params(params: Any) -> Any:
   if jax.process_count() > 1:
     return multihost_utils.process_allgather(params, tiled=True)
   return jax.device_get(params)
+
+
+def rows_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of an array of any rank with its rows (first axis) split over `BATCH_AXES`."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def padded_rows(arrays: Sequence[np.ndarray], mesh: Mesh) -> tuple[list[np.ndarray], int]:
+  """`arrays` (one row count) with their last row repeated until the rows split evenly
+  over the mesh's batch shards and the processes; and the original row count."""
+  rows = len(arrays[0])
+  multiple = math.lcm(batch_shards(mesh), jax.process_count())
+  extra = -rows % multiple
+  return [np.concatenate([a, np.repeat(a[-1:], extra, axis=0)]) for a in arrays], rows
+
+
+def global_rows(mesh: Mesh, *arrays: np.ndarray) -> list[jax.Array]:
+  """Whole arrays that every process holds (rows splitting evenly, `padded_rows`) as
+  global arrays with their rows split over the batch axes."""
+  local = local_rows({str(i): np.asarray(a) for i, a in enumerate(arrays)})
+  return [jax.make_array_from_process_local_data(rows_sharding(mesh), local[str(i)])
+          for i in range(len(arrays))]
 
 
 def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -22,7 +22,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 from orbax.checkpoint import v1 as ocp_v1
 
@@ -42,6 +41,7 @@ from jbtx.training.profiling import ProfileWindow, dump_hlo
 from jbtx.training.reporting import Reporter
 from jbtx.training.step import (
   TrainState,
+  abstract_batch,
   abstract_train_state,
   init_train_state,
   make_eval_step,
@@ -55,13 +55,6 @@ InitialParams = Callable[[], Any] | None
 CHECKPOINTS_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 HLO_DIR = "hlo"
-
-
-def _abstract_batch(config: ExperimentConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  shape = (config.data.batch_size, config.data.seq_len)
-  rows = sharding.batch_sharding(mesh)
-  return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
-          for k in ("tokens", "segment_ids", "positions")}
 
 
 def _rates(config: ExperimentConfig, summary: dict[str, Any]) -> dict[str, float | None]:
@@ -222,7 +215,7 @@ def train_stage(config: ExperimentConfig, stage_dir: pathlib.Path, stage: str,
   model = Llama(config.model)
   mesh = sharding.make_mesh(config.mesh)
   optimizer = make_optimizer(config.optimizer, config.train.steps)
-  eval_step = make_eval_step(model, mesh)
+  eval_step = make_eval_step(model, mesh, config.optimizer.grad_accum_steps)
   data = loader.train_iterator(config.data, seed=config.seed,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
@@ -232,7 +225,7 @@ def train_stage(config: ExperimentConfig, stage_dir: pathlib.Path, stage: str,
                            checkpointer, initial_params)
     train_step = make_train_step(model, optimizer, mesh, config.optimizer.grad_accum_steps)
     if config.dump_hlo:
-      paths = dump_hlo(train_step, (state, _abstract_batch(config, mesh)),
+      paths = dump_hlo(train_step, (state, abstract_batch(config.data, mesh)),
                        stage_dir / HLO_DIR, "train_step")
       log(f"[{stage}] wrote {', '.join(map(str, paths))}")
     state = run_steps(config, stage_dir, stage, mesh, (train_step, eval_step), state, data,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jbtx.config import OptimizerConfig
@@ -65,6 +66,20 @@ def scale_by_group(multipliers: dict[str, float]) -> optax.GradientTransformatio
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def stored_as(inner: optax.GradientTransformation, dtype: Any) -> optax.GradientTransformation:
+  """`inner` with its floating-point state stored as `dtype` and updated in float32."""
+
+  def cast(tree: Any, to: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        tree)
+
+  def update(updates, state, params=None):
+    updates, state = inner.update(updates, cast(state, jnp.float32), params)
+    return updates, cast(state, dtype)
+
+  return optax.GradientTransformation(lambda params: cast(inner.init(params), dtype), update)
+
+
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
   """The AdamW chain; frozen parameters get zero updates and no optimizer state.
 
@@ -73,9 +88,12 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
   multipliers scale the whole step, decay included.
   """
   multipliers = {"router": config.router_lr_multiplier, "experts": config.experts_lr_multiplier}
+  adam = optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps)
+  if config.moment_dtype != "float32":
+    adam = stored_as(adam, jnp.dtype(config.moment_dtype))
   adamw = optax.chain(
       optax.clip_by_global_norm(config.grad_clip_norm),
-      optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
+      adam,
       optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
       optax.inject_hyperparams(optax.scale_by_learning_rate)(
           learning_rate=learning_rate_schedule(config, total_steps)),

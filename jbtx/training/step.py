@@ -19,7 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jbtx.config import ConfigError
+from jbtx.config import ConfigError, DataConfig
 from jbtx.models.forward import Batch, forward, valid_targets
 from jbtx.models.llama import abstract_params, init_params
 from jbtx.models.moe import aux_loss
@@ -168,6 +168,20 @@ def _check_params(expected: Any, params: Any) -> None:
                        f"parameters {got[key]}")
 
 
+def abstract_batch(data: DataConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """A global training batch as shapes: int32 `tokens`, `segment_ids`, `positions`
+  `[batch_size, seq_len]`, rows split over the mesh's batch axes (as the loop feeds it).
+
+  Raises:
+    ConfigError: ('data.batch_size') if the rows do not split evenly over the mesh.
+  """
+  sharding.check_batch_rows(mesh, data.batch_size)
+  shape = (data.batch_size, data.seq_len)
+  rows = sharding.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
+          for k in ("tokens", "segment_ids", "positions")}
+
+
 def _micro_batches(batch: Batch, n: int) -> Batch:
   """`[batch, seq]` -> `[n, batch / n, seq]`; micro-batch i holds rows i, i + n, ….
 
@@ -261,12 +275,24 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
                  out_shardings=(shardings, replicated), donate_argnums=0)
 
 
-def make_eval_step(model: nn.Module, mesh: Mesh):
-  """`(params, batch) -> (summed loss, target count)`, jit-compiled for `mesh`."""
+def make_eval_step(model: nn.Module, mesh: Mesh, micro_batches: int = 1):
+  """`(params, batch) -> (summed loss, target count)`, jit-compiled for `mesh`.
+
+  With `micro_batches` = n the batch's rows run in n slices one after another (as
+  the training step's `grad_accum_steps`), so the logits of only `batch / n` rows are
+  ever in memory.
+  """
+
+  def losses(params, batch):
+    return token_losses(forward(model, params, batch)[0], batch)
 
   def eval_step(params, batch):
     with sharding.sharding_rules(mesh):
-      return token_losses(forward(model, params, batch)[0], batch)
+      if micro_batches == 1:
+        return losses(params, batch)
+      sums, counts = jax.lax.map(lambda micro: losses(params, micro),
+                                 _micro_batches(batch, micro_batches))
+      return jnp.sum(sums), jnp.sum(counts)
 
   params = sharding.param_shardings(abstract_params(model), mesh)
   replicated = NamedSharding(mesh, P())

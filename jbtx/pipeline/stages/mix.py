@@ -19,6 +19,7 @@ import numpy as np
 from jbtx.config import ConfigError, ExperimentConfig, ModelConfig
 from jbtx.config.btx import SEED_EXPERT
 from jbtx.data import loader
+from jbtx.inference.sharded import params_sharding
 from jbtx.interop import checkpoint
 from jbtx.interop.tensor_source import CheckpointSource
 from jbtx.methods import mix, router_init
@@ -28,6 +29,7 @@ from jbtx.pipeline.registry import Stage, register
 from jbtx.pipeline.stages.expert import expert_stages
 from jbtx.pipeline.stages.seed import SEED
 from jbtx.pipeline.workdir import Paths
+from jbtx.runtime import sharding
 from jbtx.runtime.signals import StopSignal
 
 MIX = "mix"
@@ -51,10 +53,13 @@ def mix_identity(config: ExperimentConfig) -> dict[str, Any]:
 
 def _hidden_routers(config: ExperimentConfig, paths: Paths,
                     moe_config: ModelConfig) -> Callable[[int], np.ndarray]:
-  """`layer -> router [embed, E]` from the seed's mean FFN inputs on each expert's data."""
+  """`layer -> router [embed, E]` from the seed's mean FFN inputs on each expert's data
+  (the seed sharded over the experiment's mesh)."""
   seed_dir = paths.model_dir(SEED_EXPERT)
   model = Llama(checkpoint.load_config(seed_dir))
-  params = checkpoint.load_params(seed_dir)
+  mesh = sharding.make_mesh(config.mesh)
+  params = jax.device_put(checkpoint.load_params_for(seed_dir, model.config),
+                          params_sharding(model, mesh))
   means = []
   for name in config.btx.expert_names:
     data = (config.data if name == SEED_EXPERT
@@ -62,7 +67,7 @@ def _hidden_routers(config: ExperimentConfig, paths: Paths,
     batches = loader.train_iterator(data, seed=config.seed)
     try:
       means.append(router_init.mean_hidden(
-          model, params, (next(batches) for _ in range(config.btx.router_init_batches))))
+          model, params, (next(batches) for _ in range(config.btx.router_init_batches)), mesh))
     finally:
       batches.close()
   kernels = router_init.hidden_routers(np.stack(means), moe_config.param_dtype)
@@ -100,14 +105,15 @@ class Mix(Stage):
     unrolled = dataclasses.replace(moe_config, scan_layers=False)
     weights = mixing_weights(config)
     out = paths.stage_dir(MIX)
+    # Every process: the hidden-state routers are a computation over the whole mesh.
+    routers = (mix.random_routers(moe_config, config.seed) if btx.router_init == "random"
+               else _hidden_routers(config, paths, moe_config))
     if jax.process_index() != 0:
       return
     staging = out / "model"
     for stale in [staging, out / checkpoint.PARAMS_DIR, *out.glob(".model.partial-*")]:
       if stale.exists():  # left by a killed mix
         shutil.rmtree(stale)
-    routers = (mix.random_routers(moe_config, config.seed) if btx.router_init == "random"
-               else _hidden_routers(config, paths, moe_config))
     parts = mix.mixed_parts(sources, unrolled, btx.ffn, btx.split_chunks, weights, routers)
     checkpoint.save_parts(staging, unrolled, parts, extra={
         "stage": MIX, "experts": list(names), "weights": weights,

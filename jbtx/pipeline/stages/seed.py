@@ -49,13 +49,14 @@ class Seed(Stage):
   def wanted(self, config: ExperimentConfig) -> list[str]:
     return [] if config.btx.experts else [SEED]
 
-  def experiment(self, config: ExperimentConfig, stage: str) -> ExperimentConfig:
-    return experiments.seed_config(config)
+  def experiment(self, config: ExperimentConfig, stage: str) -> ExperimentConfig | None:
+    """The seed's training (None for a converted seed, which trains nothing)."""
+    return None if config.btx.seed_checkpoint else experiments.seed_config(config)
 
   def identity(self, config: ExperimentConfig, stage: str) -> dict[str, Any]:
     return seed_identity(config)
 
-  def validate(self, config: ExperimentConfig) -> None:
+  def check_files(self, config: ExperimentConfig) -> None:
     """A converted seed must have the shape of `config.model`."""
     if not config.btx.seed_checkpoint:
       return
