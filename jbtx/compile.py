@@ -22,7 +22,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jbtx.config import ConfigError, ExperimentConfig, check_overrides, from_mapping
+from jbtx.config import ConfigError, ExperimentConfig, exit_on_moved_overrides, from_mapping
 from jbtx.pipeline import compilation, registry
 from jbtx.runtime import topologies
 from jbtx.runtime.topologies import GiB
@@ -77,11 +77,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Refuses moved keys with a clear error, then parses the flags and runs `main`."""
-  try:
-    check_overrides(ExperimentConfig, sys.argv[1:])
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  exit_on_moved_overrides(ExperimentConfig, sys.argv[1:])
   app.run(main)
 
 

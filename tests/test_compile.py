@@ -82,10 +82,11 @@ def test_jobs_cover_every_training_stage_and_the_evaluation():
   labels = [job.label for job in jobs]
   assert labels[0] == "seed, expert/code, expert/math (train step)"
   assert "finetune (train step)" in labels and "upcycle (train step)" in labels
+  assert "finetune, eval:finetune (eval step)" in labels  # its validation and the eval's
   assert "mix (router init)" in labels and "eval:btm (ensemble generation)" in labels
   assert any(label.endswith("(generation)") for label in labels)
   assert [job.label for job in compilation.compile_jobs(config, ["finetune"])] == [
-      "finetune (train step)"]
+      "finetune (train step)", "finetune (eval step)"]
   with pytest.raises(ValueError, match="not stages of this experiment: mixx"):
     compilation.compile_jobs(config, ["mixx"])
 
@@ -108,7 +109,8 @@ def test_the_cli_compiles_every_step_for_this_machine_and_a_margin_it_misses():
   result = _compile_cli("--stages=seed,finetune", "--device_memory_gib=0.001",
                         "--config.data.batch_size=8")
   assert result.returncode == 1, result.stderr[-2000:]
-  assert "[compile] 2/2 finetune (train step)" in result.stdout
+  assert "[compile] 3/4 finetune (train step)" in result.stdout
+  assert "[compile] 4/4 finetune (eval step)" in result.stdout  # its validation passes
   assert "collectives" in result.stdout and "mesh data 8" in result.stdout
   assert "error: seed (train step) does not fit:" in result.stderr
   assert "0.00 GiB available" in result.stderr

@@ -10,6 +10,7 @@ hold the dataclasses. Import them from here:
 from jbtx.config.base import (
     ConfigError,
     check_overrides,
+    exit_on_moved_overrides,
     from_mapping,
     to_config_dict,
     to_dict,
@@ -47,6 +48,7 @@ __all__ = [
     "TrainConfig",
     "UpcycleConfig",
     "check_overrides",
+    "exit_on_moved_overrides",
     "from_mapping",
     "to_config_dict",
     "to_dict",

@@ -10,6 +10,7 @@ key, e.g. ``config key 'model.n_kv_heads': must divide model.n_heads (32), got 5
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -110,6 +111,16 @@ def check_overrides(cls: type, argv: Sequence[str]) -> None:
       new = moved_key(cls, key)
       if new:
         raise ConfigError(key, f"this key moved to '{new}'; set that instead")
+
+
+def exit_on_moved_overrides(cls: type, argv: Sequence[str]) -> None:
+  """`check_overrides` for a command line: a moved key is printed as an error naming
+  its new place, and the process exits with status 2 (a bad config)."""
+  try:
+    check_overrides(cls, argv)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _join(prefix: str, name: str) -> str:

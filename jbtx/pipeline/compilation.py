@@ -5,7 +5,8 @@ and whether each fits in their memory (`python -m jbtx.compile`).
     for job in jobs: report = compile_job(job, devices)
 
 The jobs are the training step of every training stage (the seed, the experts, the
-finetune, each baseline, c-BTM's cluster experts: stages of one shape share a job),
+finetune, each baseline, c-BTM's cluster experts: stages of one shape share a job) and
+the eval step it validates with,
 the router initialisation from hidden states (`btx.router_init = "hidden"`), and the
 evaluation's steps: each scored model's eval step, its generation when the evaluation
 decodes, and BTM's ensemble decoding. Each is built exactly as its stage builds it
@@ -66,9 +67,9 @@ def _shape_key(job: CompileJob) -> str:
   step counts are constants in it)."""
   config = job.config
   data, optimizer = config.data, config.optimizer
+  state = (optimizer.freeze, optimizer.moment_dtype) if job.step == TRAIN else ()
   return repr((job.step, to_dict(config.model), data.batch_size, data.seq_len,
-               optimizer.freeze, optimizer.grad_accum_steps, optimizer.moment_dtype,
-               to_dict(config.mesh)))
+               optimizer.grad_accum_steps, state, to_dict(config.mesh)))
 
 
 def _grouped(jobs: list[CompileJob]) -> list[CompileJob]:
@@ -108,7 +109,8 @@ def compile_jobs(config: ExperimentConfig, selected: Sequence[str] = ()) -> list
   for stage in names:
     derived = registry.kind_of(config, stage).experiment(config, stage)
     if derived is not None and stage in chosen:
-      jobs.append(CompileJob((stage,), TRAIN, derived))
+      # A training stage validates with the eval step before, during and after.
+      jobs += [CompileJob((stage,), TRAIN, derived), CompileJob((stage,), EVAL, derived)]
   if "mix" in chosen and config.btx.router_init == "hidden":
     jobs.append(CompileJob(("mix",), ROUTER_INIT, config))
   if "eval" in chosen:
