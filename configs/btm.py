@@ -1,4 +1,4 @@
-"""Branch-Train-Merge alone on the demo data: the seed, its domain experts (as
+"""Branch-Train-Merge alone on the demo data: the seed (the shipped one), its domain experts (as
 configs/btx.py trains them), and no mix: the experts ensembled at inference (top-1 and
 top-2 under the Bayes domain posterior) and averaged (uniform and posterior-weighted).
 

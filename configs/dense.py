@@ -1,4 +1,4 @@
-"""The dense baseline alone on the demo data: the seed (as configs/btx.py trains it)
+"""The dense baseline alone on the demo data: the seed (configs/btx.py's, the shipped one)
 trained further on the finetune mixture for BTX's training FLOPs (its experts plus
 finetune, from configs/btx.py's budgets).
 

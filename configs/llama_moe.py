@@ -1,4 +1,4 @@
-"""LLaMA-MoE alone on the demo data: the seed (as configs/btx.py trains it) with every
+"""LLaMA-MoE alone on the demo data: the seed (configs/btx.py's, the shipped one) with every
 FFN split into 8 experts of its neurons (IndependentRandom), LLaMA-MoE's noisy MLP gate
 choosing 2, expert outputs scaled by 8/2, trained further on the finetune mixture for
 BTX's training FLOPs with dynamic domain weights (Sheared-LLaMA's, towards the seed's

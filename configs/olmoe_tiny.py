@@ -17,6 +17,7 @@ from jbtx.models import presets
 def get_config() -> ml_collections.ConfigDict:
   config = btx.get_config()
   config.btx.experts = {}  # no BTX stages: this MoE is trained from scratch
+  config.btx.seed_checkpoint = ""
   config.model = presets.config_dict(
       "tiny", qk_norm=True,
       moe=MoEConfig(n_experts=16, top_k=4, d_ff=88, routing="softmax_topk",

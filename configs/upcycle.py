@@ -1,4 +1,4 @@
-"""Sparse upcycling alone on the demo data: the seed (as configs/btx.py trains it),
+"""Sparse upcycling alone on the demo data: the seed (configs/btx.py's, the shipped one),
 its FFN copied into 4 experts with a new top-2 router, trained on the finetune mixture
 for BTX's training FLOPs (its experts plus finetune, from configs/btx.py's budgets).
 

@@ -9,6 +9,7 @@ from configs import btx
 def get_config() -> ml_collections.ConfigDict:
   config = btx.get_config()
   config.model.n_layers = 2
+  config.btx.seed_checkpoint = ""  # the tests train their own 2-layer seed
   config.data.update(batch_size=4, seq_len=32)
   config.train.update(steps=6, log_every=2, checkpoint_every=2, eval_batches=1)
   config.optimizer.warmup_steps = 2

@@ -15,9 +15,12 @@ import pytest
 
 import jbtx
 from jbtx.config import ConfigError, ExperimentConfig, from_mapping
+from jbtx.eval import curve_plot
 from jbtx.interop import checkpoint
 from jbtx.models.llama import unstack_layers
 from jbtx.pipeline import runner
+from jbtx.pipeline.stages import evaluation
+from jbtx.pipeline.workdir import workdir_config
 from tests import btx_short
 from tests.training_runs import (
   btx,
@@ -235,6 +238,34 @@ def test_a_converted_seed_checkpoint_is_used_instead_of_training_one(
   assert "config key 'model.d_ff': the seed checkpoint" in wrong.stderr
 
 
+def test_a_trained_seed_checkpoint_is_checked_against_its_recorded_losses(
+    btx_run, run_env, tmp_path):  # noqa: F811
+  """The shipped demo seed's case: a jbtx-trained seed records its validation losses;
+  the seed stage measures them again before anything starts from it."""
+  seed = f"--config.btx.seed_checkpoint={btx_run / 'seed'}"
+  result = btx(tmp_path / "run", run_env, seed, "--config.btx.only=seed")
+  assert result.returncode == 0, result.stderr
+  check = json.loads((tmp_path / "run" / "seed" / "check.json").read_text())
+  recorded = checkpoint.read_record(btx_run / "seed")["metrics"]["validation"]["domains"]
+  assert set(check) == set(recorded) == {"code", "general", "knowledge", "math"}
+  for domain, losses in check.items():
+    assert losses["recorded"] == recorded[domain]
+    assert losses["measured"] == pytest.approx(recorded[domain], rel=1e-4)
+  assert "[seed] " in result.stdout and "validation loss as recorded on code" in result.stdout
+  again = btx(tmp_path / "run", run_env, seed, "--config.btx.only=seed")
+  assert "[btx] stage 1/7 seed: already complete" in again.stdout
+
+  other = btx(tmp_path / "other", run_env, seed, "--config.btx.only=seed",
+              "--config.train.eval_batches=2")  # other validation batches than recorded
+  assert other.returncode == 2
+  assert "config key 'btx.seed_checkpoint':" in other.stderr
+  assert "set btx.check_seed=False" in other.stderr
+  assert not (tmp_path / "other" / "seed" / "check.json").exists()
+  unchecked = btx(tmp_path / "other", run_env, seed, "--config.btx.only=expert/code",
+                  "--config.train.eval_batches=2", "--config.btx.check_seed=False")
+  assert unchecked.returncode == 0, unchecked.stderr
+
+
 def test_finetune_variants_are_overrides_of_the_stage(btx_run, run_env, tmp_path):  # noqa: F811
   _seed_and_experts(btx_run, tmp_path)
   result = btx(tmp_path, run_env, "--config.btx.moe.routing=sample_top1",
@@ -306,6 +337,31 @@ def test_baselines_join_a_finished_run_each_with_its_flops(btx_run, joined):  # 
   olmoe = checkpoint.load_config(workdir / "olmoe")
   assert olmoe.qk_norm and (olmoe.moe.n_experts, olmoe.moe.top_k, olmoe.moe.d_ff) == (16, 4, 88)
   assert not olmoe.moe.renormalize and olmoe.moe.routing == "softmax_topk"
+
+
+def test_every_row_has_a_validation_curve_that_ends_at_its_flops_and_loss(joined):
+  workdir, out = joined
+  rows = json.loads((workdir / "results.json").read_text())["rows"]
+  expert_flops = sum(rows[n]["compute"]["flops"] for n in ("code", "math"))
+  for name, row in rows.items():
+    flops = [p["flops"] for p in row["curve"]]
+    assert flops == sorted(flops) and len(flops) >= 1, name
+    assert flops[-1] == pytest.approx(row["compute"]["flops"], rel=1e-9), name
+    last = row["curve"][-1]["domains"]
+    for domain, loss in last.items():  # the stage's last validation is the eval's
+      assert loss == pytest.approx(row["domains"][domain]["loss"], rel=1e-4), (name, domain)
+  assert len(rows["btx"]["curve"]) == 2 and rows["btx"]["curve"][0]["flops"] == expert_flops
+  assert rows["dense"]["curve"][0]["flops"] == 0.0
+  assert set(rows["btx"]["curve"][0]["domains"]) == {"code", "general", "knowledge", "math"}
+
+  methods = evaluation.methods(from_mapping(ExperimentConfig, workdir_config(workdir)), rows)
+  assert methods == [n for n in rows if n not in ("seed", "code", "math")]
+  figure = curve_plot.curves_figure({n: r["curve"] for n, r in rows.items()}, methods, "seed")
+  average, *domains = figure.axes
+  assert [t.get_text() for t in average.get_legend().get_texts()] == [*methods, "seed"]
+  assert [ax.get_title() for ax in domains] == ["code", "general", "knowledge", "math"]
+  assert (workdir / "eval" / "curves.png").stat().st_size > 10_000
+  assert f"validation loss against training FLOPs: {workdir / 'eval' / 'curves.png'}" in out
 
 
 ALONE = ("--config.btx.train_btx=False", "--config.btx.baselines=('upcycle', 'dense')",

@@ -1,6 +1,7 @@
 """Config parsing: every bad value is rejected with a message naming its key."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -16,8 +17,10 @@ from jbtx.config import (
     to_config_dict,
     to_dict,
 )
+from jbtx.data import demo
+from jbtx.interop import checkpoint
 from jbtx.models import presets
-from jbtx.pipeline import experiments, registry
+from jbtx.pipeline import budgets, experiments, registry
 
 
 def _experiment(**model_overrides) -> ml_collections.ConfigDict:
@@ -177,9 +180,6 @@ def _flat_keys(tree: dict, prefix: str = "") -> set[str]:
      "352 neurons do not split into 10 equal groups (8 experts + 2 shared)"),
     (lambda c: c.llama_moe.moe.update(n_shared_experts=1), "llama_moe.moe.n_shared_experts",
      "is set by the split"),
-    (lambda c: c.btx.update(baselines=("olmoe",), train_btx=False,
-                            seed_checkpoint="/converted"),
-     "btx.baselines", "has no recorded training FLOPs"),
 ])
 def test_btx_settings_name_their_key(mutate, key, fragment):
   """Bad BTX settings are refused by the config or by the checks of the stage kinds
@@ -263,3 +263,25 @@ def test_cli_refuses_a_url_workdir_with_advice():
        "--workdir=gs://bucket/run"], capture_output=True, text=True, timeout=120)
   assert result.returncode == 1
   assert "--workdir=gs://bucket/run: jbtx writes through the local file system" in result.stderr
+
+
+def test_olmoe_needs_a_seed_checkpoint_that_records_its_flops(tmp_path):
+  """OLMoE's budget is the seed's FLOPs plus BTX's: the shipped demo seed records them,
+  a converted checkpoint does not."""
+  record = checkpoint.read_record(demo.SEED_DIR)
+  converted = tmp_path / "converted"
+  (converted / checkpoint.PARAMS_DIR).mkdir(parents=True)
+  (converted / checkpoint.CONFIG_FILE).write_text(json.dumps(
+      {k: record[k] for k in ("format", "version", "kind", "model")}))
+  config = btx.get_config()
+  config.btx.update(baselines=("olmoe",), train_btx=False)
+  registry.validate(from_mapping(ExperimentConfig, config))
+  shipped = registry.kind("olmoe").experiment(from_mapping(ExperimentConfig, config), "olmoe")
+  assert budgets.seed_flops(from_mapping(ExperimentConfig, config)) == \
+      record["metrics"]["compute"]["flops"]
+  config.btx.seed_checkpoint = str(converted)
+  with pytest.raises(ConfigError) as info:
+    registry.validate(from_mapping(ExperimentConfig, config))
+  assert info.value.key == "btx.baselines" and "records no training FLOPs" in str(info.value)
+  assert shipped.train.steps > budgets.matched_steps(
+      from_mapping(ExperimentConfig, config), shipped.model)  # the seed's FLOPs count

@@ -27,7 +27,7 @@ ARGS = (f"--config.train.steps={STEPS}", "--config.train.log_every=5",
         "--config.train.checkpoint_every=5", "--config.train.eval_batches=1",
         "--config.train.sample_tokens=0", "--config.optimizer.warmup_steps=2",
         "--config.data.batch_size=4", "--config.data.seq_len=32", "--config.model.n_layers=2",
-        "--config.btx.only=seed")
+        "--config.btx.only=seed", "--config.btx.seed_checkpoint=")  # trained here
 
 
 # A short run of the demo configs on one device (the CLI and notebook tests).
@@ -35,7 +35,7 @@ SHORT_ARGS = ("--config.train.steps=6", "--config.train.log_every=3",
               "--config.train.eval_batches=1", "--config.optimizer.warmup_steps=2",
               "--config.data.batch_size=8", "--config.data.seq_len=64",
               "--config.model.n_layers=2", "--config.train.sample_tokens=8",
-              "--config.btx.only=seed")
+              "--config.btx.only=seed", "--config.btx.seed_checkpoint=")
 
 
 def shared_temp(tmp_path_factory) -> pathlib.Path:

@@ -45,6 +45,11 @@ class BTXConfig:
   Attributes:
     seed_checkpoint: a converted jbtx checkpoint (`python -m jbtx.convert import`) used
       as the seed instead of training one ("" = train `config.model`).
+    check_seed: a `seed_checkpoint` trained by jbtx records its validation losses; the
+      seed stage measures them again on the experiment's validation batches and refuses
+      a checkpoint whose losses differ (False: use it unchecked, e.g. with other
+      data.seq_len or data.batch_size than it was trained with). Converted checkpoints
+      record none and are not checked.
     model_from_seed: `python -m jbtx.train` takes `model`'s shape (the keys of
       `jbtx.config.model.SHAPE_KEYS`) from `seed_checkpoint` as it starts; the model's
       numerics, layout and `max_seq_len` stay the config's. False: the config states the
@@ -90,6 +95,7 @@ class BTXConfig:
                                      "olmoe": "olmoe.moe"}
 
   seed_checkpoint: str = ""
+  check_seed: bool = True
   model_from_seed: bool = False
   experts: dict[str, StageConfig] = dataclasses.field(default_factory=dict)
   only: str = ""

@@ -3,6 +3,7 @@
     compute(config)          tokens and FLOPs of one training stage's run
     total_compute(parts)     their sum over several stages
     btx_compute(config)      BTX's: every domain expert's training plus the finetune
+    seed_flops(config)       the seed's: its stage's, or those its checkpoint records
     matched_steps(config, m) steps of model m on the finetune batches with BTX's FLOPs
 
 FLOPs are 6 · active parameters without the embedding table · tokens, plus causal
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from jbtx.config import ExperimentConfig, ModelConfig
+from jbtx.config import ConfigError, ExperimentConfig, ModelConfig
+from jbtx.interop import checkpoint
 from jbtx.pipeline.experiments import expert_config, finetune_config, seed_config
 from jbtx.training.metrics import train_flops_per_token
 
@@ -38,11 +40,30 @@ def btx_compute(config: ExperimentConfig) -> dict[str, float]:
                         compute(finetune_config(config))])
 
 
+def seed_flops(config: ExperimentConfig) -> float:
+  """The seed's training FLOPs: its stage's, or those `btx.seed_checkpoint` records.
+
+  Raises:
+    ConfigError: ('btx.seed_checkpoint') for a checkpoint that records none (converted).
+  """
+  if not config.btx.seed_checkpoint:
+    return compute(seed_config(config))["flops"]
+  try:
+    recorded = checkpoint.read_record(config.btx.seed_checkpoint)
+  except checkpoint.CheckpointError as e:
+    raise ConfigError("btx.seed_checkpoint", str(e)) from None
+  flops = recorded.get("metrics", {}).get("compute", {}).get("flops")
+  if not flops:
+    raise ConfigError("btx.seed_checkpoint", f"{config.btx.seed_checkpoint} records no "
+                      "training FLOPs (a converted checkpoint): a baseline from scratch "
+                      "cannot be matched to the seed's training")
+  return float(flops)
+
+
 def matched_steps(config: ExperimentConfig, model: ModelConfig, with_seed: bool = False) -> int:
   """Steps of `model` on the finetune batches whose training FLOPs are BTX's (plus the
   seed's training with `with_seed`), to within one step's."""
   data = config.data
   per_step = train_flops_per_token(model, data.seq_len) * data.batch_size * data.seq_len
-  budget = btx_compute(config)["flops"] + (compute(seed_config(config))["flops"]
-                                           if with_seed else 0.0)
+  budget = btx_compute(config)["flops"] + (seed_flops(config) if with_seed else 0.0)
   return max(1, round(budget / per_step))

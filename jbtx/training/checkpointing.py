@@ -15,6 +15,7 @@ background; old steps are deleted except the latest `keep_last` and every multip
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import pathlib
@@ -113,7 +114,7 @@ class TrainCheckpointer:
     """Starts writing step `step` (in the background when async); returns at once."""
     self._manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ProcessJsonSave(data_state),
-        record=ocp.args.JsonSave(record)))
+        record=ocp.args.JsonSave(copy.deepcopy(record))))  # the loop appends to it
 
   def restore_latest(self, abstract_state: Any) -> Restored | None:
     """The newest complete checkpoint restored onto `abstract_state`'s shardings, or None.

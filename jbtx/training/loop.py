@@ -68,6 +68,12 @@ def _rates(config: ExperimentConfig, summary: dict[str, Any]) -> dict[str, float
           "mfu": metrics_lib.mfu(rate, flops, jax.device_count(), peak)}
 
 
+def curve_point(step: int, result: dict[str, Any]) -> dict[str, Any]:
+  """A point of a stage's validation curve: the step, the loss (over all tokens) and
+  each domain's."""
+  return {"step": step, "loss": result["loss"], "domains": dict(result["domains"])}
+
+
 def validate(config: ExperimentConfig, step: int, params: Any, data: Any, mesh: Mesh,
              eval_step: Any, reporter: Reporter) -> dict[str, Any]:
   """A validation pass during training; re-weights the data mixture if configured."""
@@ -123,7 +129,8 @@ def run_steps(config: ExperimentConfig, stage_dir: pathlib.Path, stage: str, mes
         summary = window.summary()
         reporter.train(step, summary, _rates(config, summary))
       if train.eval_every and step % train.eval_every == 0 and step < steps:
-        validate(config, step, state.params, data, mesh, eval_step, reporter)
+        result = validate(config, step, state.params, data, mesh, eval_step, reporter)
+        record.setdefault("curve", []).append(curve_point(step, result))
       # With several processes the stop flag is agreed on by a collective, which waits
       # for the step to finish; do that only on log steps to keep dispatch ahead.
       stopping = ((jax.process_count() == 1 or step % train.log_every == 0)
@@ -238,8 +245,10 @@ def train_stage(config: ExperimentConfig, stage_dir: pathlib.Path, stage: str,
   final = evaluate(state.params, config, mesh, eval_step)
   sample = sample_text(model, state.params, config)
   _stop_if_requested(stop, stage, state)
+  curve = [curve_point(0, initial), *record.get("curve", []),
+           curve_point(config.train.steps, final)]
   result = {"steps": config.train.steps, "validation_before": initial, "validation": final,
-            "sample": sample, **(facts or {})}
+            "curve": curve, "sample": sample, **(facts or {})}
   log(f"[{stage}] validation loss {initial['loss']:.3f} -> {final['loss']:.3f} nats/token "
       f"({final['bits_per_token']:.3f} bits/token, perplexity {final['perplexity']:.2f}); "
       + ", ".join(f"{d} {v:.3f}" for d, v in final["domains"].items()))

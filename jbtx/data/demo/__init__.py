@@ -7,6 +7,9 @@ into `<data_dir>/demo/<domain>-<version>/` as `{train,validation,test}.jsonl` (o
 `{"text": …}` per document) plus `tasks-<split>.jsonl` (`{"prompt", "answer"}`) for
 math and knowledge. The directory appears atomically (written under a temporary name,
 then renamed), so concurrent builders and interrupted builds are harmless.
+
+`seed/` (`SEED_DIR`) is the demo's seed checkpoint, the tiny model pretrained on these
+domains by `configs/seed.py`; `configs/btx.py` starts from it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from jbtx.data.demo.splits import SPLITS
 
 _MODULES = {"code": code, "math": math, "knowledge": knowledge, "general": general}
 TASK_DOMAINS = ("math", "knowledge")
+# The demo's seed checkpoint, made by `python -m jbtx.train --config=configs/seed.py`.
+SEED_DIR = pathlib.Path(__file__).parent / "seed"
 
 
 def data_dir(configured: str = "") -> pathlib.Path:

@@ -12,21 +12,23 @@ from __future__ import annotations
 
 import pathlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import tqdm
 
 from jbtx.config import ConfigError, ExperimentConfig
+from jbtx.config.btx import SEED_EXPERT
 from jbtx.data import loader
 from jbtx.eval import plots
 from jbtx.eval import routing_analysis as analysis
+from jbtx.eval.curve_plot import save_curves
 from jbtx.eval.scoring import evaluate_model
 from jbtx.eval.table import summarise, table, write_results
 from jbtx.interop import checkpoint
 from jbtx.models.llama import Llama
-from jbtx.pipeline import budgets, experiments, registry, workdir
+from jbtx.pipeline import budgets, curves, experiments, registry, workdir
 from jbtx.pipeline.identity import plain
 from jbtx.pipeline.registry import Stage, register
 from jbtx.pipeline.workdir import Paths, recorded_compute
@@ -35,6 +37,7 @@ from jbtx.runtime.signals import Preempted, StopSignal
 
 EVAL = "eval"
 RESULTS_FILE = "results.json"
+CURVES_FILE = "curves.png"
 COMPUTE_NOTE = (
     "training FLOPs of the row's own stages (6·active params·tokens plus attention); btx = "
     "its experts' training plus the finetune; btm = its experts' training (no finetune); "
@@ -131,6 +134,8 @@ def evaluate_rows(config: ExperimentConfig, paths: Paths, names: Sequence[str] |
     compute = budgets.total_compute([recorded_compute(kind.output(paths, s))
                                      for s in kind.row_training(config, row)])
     rows[row] = summarise(evaluate_model(config, directory), compute)
+    rows[row]["curve"] = curves.row_curve(kind.row_training(config, row),
+                                          lambda s, kind=kind: kind.output(paths, s))
     log(f"[eval] {row}: {directory} ({time.perf_counter() - began:.1f} s)")
     if stop is not None and stop.requested():
       raise Preempted(EVAL)
@@ -140,7 +145,9 @@ def evaluate_rows(config: ExperimentConfig, paths: Paths, names: Sequence[str] |
   for kind in ensemble_kinds(config):
     if kind.name in names:
       began = time.perf_counter()
-      placed.append((kind.row_order, kind.evaluate_ensembles(config, paths)))
+      ensembles = kind.evaluate_ensembles(config, paths)
+      placed.append((kind.row_order, {name: row | {"curve": curves.ensemble_point(row)}
+                                      for name, row in ensembles.items()}))
       log(f"[eval] {kind.name}: ensembles and averages ({time.perf_counter() - began:.1f} s)")
   # In table order: by the kinds' row order, checkpoint rows before ensembles at a tie.
   return {row: value for _, group in sorted(placed, key=lambda p: p[0])
@@ -184,8 +191,20 @@ class Evaluation(Stage):
   def run(self, config: ExperimentConfig, paths: Paths, stop: StopSignal, stage: str) -> None:
     """Evaluates every row; writes results.json and prints the table."""
     rows = evaluate_rows(experiments.eval_config(config), paths, stop=stop)
-    write_results(rows, paths.workdir / RESULTS_FILE, {"compute": COMPUTE_NOTE})
+    write_results(rows, paths.workdir / RESULTS_FILE, {"compute": COMPUTE_NOTE,
+                                                       "curve": curves.NOTE})
+    if jax.process_index() == 0:
+      written = save_curves({name: row["curve"] for name, row in rows.items()},
+                            methods(config, rows), SEED_EXPERT if SEED_EXPERT in rows else None,
+                            paths.workdir / EVAL / CURVES_FILE)
+      log(f"[eval] validation loss against training FLOPs: {written}")
     log(table(rows))
+
+
+def methods(config: ExperimentConfig, rows: Mapping[str, Any]) -> list[str]:
+  """The rows that are methods (not the seed or an expert), in table order."""
+  ingredients = {SEED_EXPERT, *config.btx.experts}
+  return [name for name in rows if name not in ingredients]
 
 
 def evaluate_workdir(config: ExperimentConfig, workdir_path: pathlib.Path, stage: str | None,

@@ -8,6 +8,7 @@ import dataclasses
 from typing import Any
 
 from jbtx.config import ConfigError, ExperimentConfig, ModelConfig
+from jbtx.pipeline import budgets
 from jbtx.pipeline.baseline import TrainedBaseline
 from jbtx.pipeline.registry import register
 from jbtx.pipeline.workdir import Paths
@@ -29,8 +30,12 @@ class OLMoE(TrainedBaseline):
                      derived: ExperimentConfig) -> Any:
     return None  # a random init
 
-  def validate(self, config: ExperimentConfig) -> None:
+  def check_files(self, config: ExperimentConfig) -> None:
+    """olmoe trains from scratch for the seed's FLOPs plus BTX's: a seed checkpoint
+    must record its training FLOPs."""
     if config.btx.seed_checkpoint and self.name in config.btx.baselines:
-      raise ConfigError("btx.baselines", "olmoe trains from scratch for the seed's FLOPs "
-                        "plus BTX's, and a converted seed (btx.seed_checkpoint) has no "
-                        "recorded training FLOPs")
+      try:
+        budgets.seed_flops(config)
+      except ConfigError as e:
+        raise ConfigError("btx.baselines", f"olmoe needs the seed's training FLOPs: {e}") \
+            from None
