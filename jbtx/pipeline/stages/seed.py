@@ -135,5 +135,9 @@ def check_recorded_losses(config: ExperimentConfig, paths: Paths) -> None:
                         "set btx.check_seed=False to use it anyway")
   if jax.process_index() == 0:
     files.write_json(paths.stage_dir(SEED) / CHECK_FILE, comparison)
-  log(f"[seed] {directory}: validation loss as recorded on "
-      + ", ".join(f"{d} {v['measured']:.4f}" for d, v in comparison.items()))
+  if comparison:
+    log(f"[seed] {directory}: validation loss as recorded on "
+        + ", ".join(f"{d} {v['measured']:.4f}" for d, v in comparison.items()))
+  else:
+    log(f"[seed] {directory}: none of its recorded domains ({', '.join(recorded)}) is one "
+        "of this experiment's; its losses are not checked")
