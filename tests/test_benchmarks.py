@@ -83,3 +83,16 @@ def test_trace_summary_joins_the_profiled_steps_ops_to_the_model_parts(uninterru
   assert trace_summary.part_of("jit(train_step)/transpose(jvp(Llama))/Llama.run_blocks/while/"
                                "body/closed_call/layers/moe/dot_general", 3) == (
                                    "backward", "layers/moe")
+
+
+def test_ragged_decoding_benchmark_decodes_the_same_tokens_both_ways():
+  """The batched prefill and the token-by-token baseline on the demo's math prompts
+  (prompts of different lengths) generate the same greedy tokens."""
+  flags = ["--preset=tiny", "--batch=3", "--new_tokens=4", "--repeats=1"]
+  run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ragged_decoding.py"), *flags],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert run.returncode == 0, run.stderr
+  ratio = re.search(r"^ratio \(token by token / batched prefill\): ([\d.]+); same tokens: "
+                    r"(True|False)$", run.stdout, re.M)
+  assert ratio and float(ratio[1]) > 0, run.stdout
+  assert ratio[2] == "True"

@@ -148,6 +148,36 @@ def test_ensemble_decoding_with_one_hot_weights_is_that_experts_decoding():
     np.testing.assert_array_equal(ours, alone)
 
 
+def _reference_ensemble(model, trees, prompt, n_new, top_k, smoothing):
+  """Greedy decoding from the mixture by recomputing every expert on the whole sequence
+  at each step: the posterior from all targets so far, mixed at the last position."""
+  apply = jax.jit(lambda params, seq: jax.nn.log_softmax(model.apply({"params": params}, seq)))
+  tokens = list(prompt)
+  for _ in range(n_new):
+    seq = np.zeros((1, 16), np.int32)  # a causal model: what follows the sequence is unread
+    seq[0, :len(tokens)] = tokens
+    log_probs = jnp.stack([apply(t, seq)[0, :len(tokens)] for t in trees])  # [N, len, vocab]
+    targets = jnp.take_along_axis(log_probs[:, :-1], seq[None, 0, 1:len(tokens), None], axis=-1)
+    posterior = btm.smoothed_posterior(targets[..., 0].sum(-1), smoothing)
+    mixed = btm.ensemble_log_probs(log_probs[:, -1], btm.top_k_weights(posterior, top_k)[None])
+    tokens.append(int(jnp.argmax(mixed)))
+  return tokens[len(prompt):]
+
+
+@pytest.mark.parametrize("top_k", [1, 0])
+def test_ensemble_decoding_under_the_posterior_matches_recomputing_each_step(top_k):
+  """Distinct experts, prompts of lengths 3, 8, 5: each row's tokens equal those of the
+  reference that reruns every expert on the row's whole sequence per new token."""
+  model, trees = _experts(3)
+  prompts, lengths = _prompts(model.config.vocab_size)
+  ours = np.asarray(btm.generate_ensemble(model, btm.stack_params(trees), prompts, lengths, 5,
+                                          top_k=top_k, smoothing=0.05))
+  for row, n in enumerate(np.asarray(lengths).tolist()):
+    expected = _reference_ensemble(model, trees, np.asarray(prompts[row, :n]).tolist(), 5,
+                                   top_k, 0.05)
+    np.testing.assert_array_equal(ours[row], expected)
+
+
 def test_ensemble_of_copies_decodes_like_one_expert_under_the_posterior():
   model, trees = _experts(1)
   prompts, lengths = _prompts(model.config.vocab_size)

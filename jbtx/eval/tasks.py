@@ -62,7 +62,7 @@ def extract_answer(continuation: str, prompt: str = "") -> str:
   return continuation.split("\n", 1)[0]
 
 
-def _batch_prompts(tokenizer: Tokenizer, prompts: Sequence[str]
+def batch_prompts(tokenizer: Tokenizer, prompts: Sequence[str]
                    ) -> tuple[np.ndarray, np.ndarray]:
   """Right-padded int32 tokens `[batch, max_len]` (BOS first) and lengths `[batch]`.
 
@@ -116,7 +116,7 @@ def generate_continuations(generate: Generate, tokenizer: Tokenizer, prompts: Se
                          disable=None if len(starts) > 1 else True):
     batch = list(prompts[start:start + batch_size])
     batch += [batch[-1]] * (batch_size - len(batch))
-    tokens, lengths = _batch_prompts(tokenizer, batch)
+    tokens, lengths = batch_prompts(tokenizer, batch)
     generated = generate(jnp.asarray(tokens), jnp.asarray(lengths), max_new_tokens,
                          eos_id=int(tokenizer.eos_id))
     outputs += [_continuation(tokenizer, ids) for ids in np.asarray(generated)]

@@ -6,7 +6,9 @@
 The prompt is run once (prefill), then one token per step; each step attends to the
 cache instead of recomputing the prefix. `temperature=0` is greedy decoding.
 `generate_ragged` decodes greedily a batch of prompts of different lengths, with
-`greedy_ragged`, the one ragged decoding loop (BTM's ensembles use it too).
+`greedy_ragged`, the one ragged decoding loop (BTM's ensembles use it too): the
+right-padded prompts are prefilled in one call, their padding marked invalid in the
+cache, then every row continues from its own length.
 """
 
 from __future__ import annotations
@@ -35,14 +37,20 @@ def init_cache(model: nn.Module, batch: int, cache_len: int) -> Cache:
 
 @functools.partial(jax.jit, static_argnames="model")
 def decode(model: nn.Module, params: Any, cache: Cache, tokens: jax.Array,
-           positions: jax.Array) -> tuple[jax.Array, Cache]:
+           positions: jax.Array, valid: jax.Array | None = None) -> tuple[jax.Array, Cache]:
   """Appends `tokens [batch, n]` at `positions [batch, n]` to the cache.
+
+  Args:
+    valid: bool `[batch, n]`, False for padding that later tokens must not attend to;
+      None: all valid.
 
   Returns:
     float32 logits `[batch, n, vocab]` for the new tokens, and the updated cache.
   """
+  segment_ids = None if valid is None else valid.astype(jnp.int32)
   logits, variables = model.clone(decode=True).apply(
-      {"params": params, "cache": cache}, tokens, positions=positions, mutable=["cache"])
+      {"params": params, "cache": cache}, tokens, positions=positions,
+      segment_ids=segment_ids, mutable=["cache"])
   return logits, variables["cache"]
 
 
@@ -109,26 +117,44 @@ def generate(model: nn.Module, params: Any, prompt: jax.Array, max_new_tokens: i
   return jnp.concatenate([prompt, first[:, None], rest.T], axis=1).astype(jnp.int32)
 
 
+Prefill = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
 NextScores = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
 
-def greedy_ragged(next_scores: NextScores, state: Any, prompts: jax.Array, lengths: jax.Array,
-                  max_new_tokens: int, eos_id: int | None = None) -> jax.Array:
+def prompt_inputs(prompts: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Rotary positions `[batch, max_prompt_len]` (0, 1, … per row) and the mask of each
+  row's real tokens (bool, same shape) of right-padded `prompts`."""
+  positions = jnp.broadcast_to(jnp.arange(prompts.shape[1]), prompts.shape)
+  return positions, positions < lengths[:, None]
+
+
+def at_last_prompt_token(values: jax.Array, lengths: jax.Array) -> jax.Array:
+  """`values [..., batch, max_prompt_len, d]` at each row's last prompt token ->
+  `[..., batch, d]`."""
+  index = jnp.broadcast_to((lengths - 1)[:, None, None], (*values.shape[:-2], 1, 1))
+  return jnp.take_along_axis(values, index, axis=-2)[..., 0, :]
+
+
+def greedy_ragged(prefill: Prefill, next_scores: NextScores, state: Any, prompts: jax.Array,
+                  lengths: jax.Array, max_new_tokens: int,
+                  eos_id: int | None = None) -> jax.Array:
   """The greedy decoding loop for prompts of different lengths, all rows in lockstep.
 
-  Prefill is token by token: at step t every row feeds one token at position t, its
-  prompt token while `t < lengths[row]` and its previous greedy token afterwards, so a
-  cache index is shared and one compiled program serves any mix of prompt lengths
-  (`max_prompt_len + max_new_tokens - 1` steps; fine for short prompts). What scores
-  the next token is the caller's: one model (`generate_ragged`) or an ensemble
-  (`jbtx.methods.btm.generate_ensemble`). Call it inside `jax.jit`.
+  `prefill` runs the right-padded prompts in one call (their padding written to the
+  cache as invalid slots); each of the `max_new_tokens - 1` steps then feeds every row's
+  previous token at the row's own next position, into the cache slot the rows share.
+  What scores the next token is the caller's: one model (`generate_ragged`) or an
+  ensemble (`jbtx.methods.btm.generate_ensemble`). Call it inside `jax.jit`.
 
   Args:
-    next_scores: `(state, tokens [batch], t) -> (scores [batch, vocab], state)`: feeds
-      each row's token at position t and scores the next one (logits or log-probs;
-      the argmax is taken).
-    state: the initial state of `next_scores` (e.g. an empty KV cache).
-    prompts: int32 `[batch, max_prompt_len]`, right-padded (padding is never read).
+    prefill: `(state, prompts, lengths) -> (scores [batch, vocab], state)`: the scores
+      of the token after each row's last prompt token (logits or log-probs; the argmax
+      is taken).
+    next_scores: `(state, tokens [batch], positions [batch]) -> (scores, state)`: feeds
+      each row's token at its position and scores the next one.
+    state: the initial state (e.g. an empty KV cache of `max_prompt_len +
+      max_new_tokens - 1` slots or more).
+    prompts: int32 `[batch, max_prompt_len]`, right-padded (padding is never attended to).
     lengths: int32 `[batch]`, each prompt's length (at least 1).
     max_new_tokens: number of tokens to generate after each prompt (at least 1).
     eos_id: if given, rows that emitted it keep emitting it.
@@ -136,27 +162,21 @@ def greedy_ragged(next_scores: NextScores, state: Any, prompts: jax.Array, lengt
   Returns:
     int32 `[batch, max_new_tokens]`: the tokens generated after each row's own prompt.
   """
-  batch, max_prompt_len = prompts.shape
-  steps = max_prompt_len + max_new_tokens - 1
-  inputs = jnp.pad(prompts.astype(jnp.int32), ((0, 0), (0, max_new_tokens - 1)))
+  scores, state = prefill(state, prompts.astype(jnp.int32), lengths)
+  first = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+  done = jnp.zeros_like(first, bool) if eos_id is None else first == eos_id
 
-  def step(carry, xs):
-    state, previous, done = carry
-    t, prompt_token = xs
-    token = jnp.where(t < lengths, prompt_token, previous)
-    scores, state = next_scores(state, token, t)
+  def step(carry, offset):
+    state, token, done = carry
+    scores, state = next_scores(state, token, lengths + offset)
     next_token = jnp.argmax(scores, axis=-1).astype(jnp.int32)
     if eos_id is not None:
       next_token = jnp.where(done, eos_id, next_token)
-      done = done | ((t >= lengths - 1) & (next_token == eos_id))
+      done = done | (next_token == eos_id)
     return (state, next_token, done), next_token
 
-  carry = (state, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool))
-  _, predicted = jax.lax.scan(step, carry, (jnp.arange(steps), inputs.T))
-  # predicted[t, row] is the greedy token after position t; a row's first new token
-  # follows its last prompt token, at position lengths[row] - 1.
-  index = lengths[:, None] - 1 + jnp.arange(max_new_tokens)
-  return jnp.take_along_axis(predicted.T, index, axis=1)
+  _, rest = jax.lax.scan(step, (state, first, done), jnp.arange(max_new_tokens - 1))
+  return jnp.concatenate([first[:, None], rest.T], axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id"))
@@ -176,10 +196,14 @@ def generate_ragged(model: nn.Module, params: Any, prompts: jax.Array, lengths: 
   """
   batch, max_prompt_len = prompts.shape
 
-  def next_scores(cache, token, t):
-    logits, cache = decode(model, params, cache, token[:, None],
-                           jnp.full((batch, 1), t, jnp.int32))
+  def prefill(cache, prompts, lengths):
+    positions, valid = prompt_inputs(prompts, lengths)
+    logits, cache = decode(model, params, cache, prompts, positions, valid)
+    return at_last_prompt_token(logits, lengths), cache
+
+  def next_scores(cache, token, positions):
+    logits, cache = decode(model, params, cache, token[:, None], positions[:, None])
     return logits[:, -1], cache
 
   cache = init_cache(model, batch, max_prompt_len + max_new_tokens)
-  return greedy_ragged(next_scores, cache, prompts, lengths, max_new_tokens, eos_id)
+  return greedy_ragged(prefill, next_scores, cache, prompts, lengths, max_new_tokens, eos_id)

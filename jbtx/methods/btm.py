@@ -22,7 +22,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jbtx.inference.generate import decode, greedy_ragged, init_cache
+from jbtx.inference.generate import (
+  at_last_prompt_token,
+  decode,
+  greedy_ragged,
+  init_cache,
+  prompt_inputs,
+)
 from jbtx.methods.mix import weighted_mean
 from jbtx.models.forward import valid_targets
 
@@ -122,24 +128,36 @@ def generate_ensemble(model: nn.Module, params: Any, prompts: jax.Array, lengths
   experts = [jax.tree.map(lambda x, j=j: x[j], params) for j in range(n)]
   caches = [init_cache(model, batch, max_prompt_len + max_new_tokens) for _ in range(n)]
 
-  def next_scores(state, token, t):
+  def mixed(log_probs, log_likelihoods):
+    """The mixture `[batch, vocab]` of the experts' next-token `log_probs [N, batch, vocab]`."""
+    mixing = weights if weights is not None else smoothed_posterior(log_likelihoods, smoothing)
+    return ensemble_log_probs(log_probs, top_k_weights(mixing, top_k)[:, None])
+
+  def prefill(caches, prompts, lengths):
+    positions, valid = prompt_inputs(prompts, lengths)
+    last, log_likelihoods, new_caches = [], [], []
+    for p, c in zip(experts, caches, strict=True):  # one expert's [batch, len, vocab] at a time
+      logits, c = decode(model, p, c, prompts, positions, valid)
+      log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+      targets = jnp.take_along_axis(log_probs[:, :-1], prompts[:, 1:, None], axis=-1)[..., 0]
+      log_likelihoods.append(jnp.sum(jnp.where(valid[:, 1:], targets, 0.0), axis=-1))
+      last.append(at_last_prompt_token(log_probs, lengths))
+      new_caches.append(c)
+    last, log_likelihoods = jnp.stack(last), jnp.stack(log_likelihoods, axis=-1)
+    return mixed(last, log_likelihoods), (new_caches, last, log_likelihoods)
+
+  def next_scores(state, token, positions):
     caches, last_log_probs, log_likelihoods = state
-    # The posterior takes in the fed token, scored by the previous step (0 at t = 0).
+    # The posterior takes in the fed token, scored by the previous step.
     log_likelihoods += jnp.take_along_axis(last_log_probs, token[None, :, None],
                                            axis=-1)[..., 0].T
-    position = jnp.full((batch, 1), t, jnp.int32)
-    decoded = [decode(model, p, c, token[:, None], position)
+    decoded = [decode(model, p, c, token[:, None], positions[:, None])
                for p, c in zip(experts, caches, strict=True)]
     logits, caches = jnp.stack([d[0] for d in decoded]), [d[1] for d in decoded]
     log_probs = jax.nn.log_softmax(logits[:, :, -1].astype(jnp.float32), axis=-1)
-    mixing = (weights if weights is not None
-              else smoothed_posterior(log_likelihoods, smoothing))
-    mixed = ensemble_log_probs(log_probs, top_k_weights(mixing, top_k)[:, None])  # [batch, vocab]
-    return mixed, (caches, log_probs, log_likelihoods)
+    return mixed(log_probs, log_likelihoods), (caches, log_probs, log_likelihoods)
 
-  state = (caches, jnp.zeros((n, batch, model.config.vocab_size), jnp.float32),
-           jnp.zeros((batch, n), jnp.float32))
-  return greedy_ragged(next_scores, state, prompts, lengths, max_new_tokens, eos_id)
+  return greedy_ragged(prefill, next_scores, caches, prompts, lengths, max_new_tokens, eos_id)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "top_k", "smoothing"))

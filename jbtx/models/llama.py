@@ -11,7 +11,8 @@ real checkpoints: biases on the attention projections (Qwen2's q/k/v, Llama's
 
 Incremental decoding: a model built with `decode=True` keeps a key/value cache in the
 "cache" collection (see `jbtx.inference.generate`). Each call appends its tokens at the
-cache index and attends to everything cached so far.
+cache index and attends to everything cached so far, except slots written with
+segment id 0 (the padding of right-padded prompts prefilled in one call).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class Attention(nn.Module):
     k = constrain(apply_rope(k, positions, cfg.rope_theta, cfg.rope_scaling),
                   ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
     if self.decode:
-      k, v, mask = self._update_cache(k, v)
+      k, v, mask = self._update_cache(k, v, segment_ids)
     else:
       mask = attention_mask(segment_ids, x.shape[1])
     out = dot_product_attention(q, k, v, mask)
@@ -111,16 +112,19 @@ class Attention(nn.Module):
     return Dense(cfg, (cfg.n_heads, hd), (d,), ("q_heads", "head_dim", "embed"),
                  cfg.attention_bias == "qkvo", name="o")(out)
 
-  def _update_cache(self, k: jax.Array, v: jax.Array):
+  def _update_cache(self, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None):
     """Writes `k, v [batch, q_len, kv, hd]` at the cache index; returns the full cache.
 
     The cache length is the sequence length of the input the cache was initialised
-    with (`jbtx.inference.generate.init_cache`). Returns cached keys and values
-    `[batch, cache_len, kv, hd]` and the mask `[1, 1, q_len, cache_len]`.
+    with (`jbtx.inference.generate.init_cache`). Slots written with segment id 0 (the
+    padding of right-padded prompts prefilled together) are never attended to; None
+    marks every new slot valid. Returns cached keys and values `[batch, cache_len, kv,
+    hd]` and the mask `[batch, 1, q_len, cache_len]`.
     """
     is_initialized = self.has_variable("cache", "key")
     cached_k = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
     cached_v = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+    valid = self.variable("cache", "valid", jnp.zeros, k.shape[:2], jnp.bool_)
     index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
     cache_len = cached_k.value.shape[1]
     q_len = k.shape[1]
@@ -129,15 +133,19 @@ class Attention(nn.Module):
     start = index.value
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
+    written = (jnp.ones(k.shape[:2], jnp.bool_) if segment_ids is None
+               else segment_ids != 0)
+    valid.value = jax.lax.dynamic_update_slice(valid.value, written, (0, start))
     index.value = start + q_len
     # The cache is a loop carry of decoding: pin its layout (rows over the batch axes,
     # heads over tensor) so the compiler never gathers it.
     kv_axes = ("act_batch", "act_length", "act_kv_heads", "act_head_dim")
     cached_k.value = constrain(cached_k.value, kv_axes)
     cached_v.value = constrain(cached_v.value, kv_axes)
+    valid.value = constrain(valid.value, kv_axes[:2])
     query_index = start + jnp.arange(q_len)
-    mask = jnp.arange(cache_len)[None, :] <= query_index[:, None]
-    return cached_k.value, cached_v.value, mask[None, None]
+    causal = jnp.arange(cache_len)[None, :] <= query_index[:, None]  # [q_len, cache_len]
+    return cached_k.value, cached_v.value, causal[None, None] & valid.value[:, None, None]
 
 
 class Block(nn.Module):
