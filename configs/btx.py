@@ -2,10 +2,10 @@
 
     python -m jbtx.train --config=configs/btx.py
 
-seed: the shipped checkpoint `jbtx/data/demo/seed`, the tiny dense Llama (0.80M parameters, byte
-tokens) pretrained by `configs/seed.py` on the `general` domain plus a little of every
-other for 2000 steps, to near its plateau (the seed stage loads it and checks its
-recorded validation losses); expert/code, expert/math, expert/knowledge: the seed
+seed: the shipped checkpoint `jbtx/data/demo/seed`, the `demo` dense Llama (0.35M
+parameters, byte tokens) pretrained by `configs/seed.py` on the `general` domain plus a
+little of every other for 3000 steps, to its plateau (the seed stage loads it and checks
+its recorded validation losses); expert/code, expert/math, expert/knowledge: the seed
 trained further on one domain each (independent jobs), each 3.2 times as long as the
 finetune; mix: their FFNs and the seed's become the 4 experts of every layer's MoE,
 everything else averaged, a new router; finetune: top-2 routing with BTX load
@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
              for name, weight in WEIGHTS.items()}
   expert = StageConfig(steps=80, learning_rate=1e-3, warmup_steps=10)
   return to_config_dict(ExperimentConfig(
-      model=presets.get("tiny"),
+      model=presets.get("demo"),
       data=DataConfig(domains=domains),
       optimizer=OptimizerConfig(learning_rate=1e-3),
       train=TrainConfig(checkpoint_every=50, sample_tokens=0, eval_every=20),

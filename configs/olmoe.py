@@ -1,5 +1,5 @@
 """OLMoE from scratch on the demo data, as a row of BTX's compute-matched table: the
-tiny decoder with QK-norm and 16 experts of a quarter of the seed's FFN width, top-4 of
+demo decoder with QK-norm and 16 experts of a quarter of the seed's FFN width, top-4 of
 a softmax over all experts without renormalisation (`olmoe.moe`), trained on the
 finetune mixture for the FLOPs BTX spends on its seed, its experts and its finetune
 (from configs/btx.py's budgets; no seed is trained here).

@@ -296,7 +296,7 @@ def joined(btx_run, run_env, tmp_path_factory):  # noqa: F811
   shutil.copytree(btx_run, workdir)
   result = btx(workdir, run_env,
                "--config.btx.baselines=('btm', 'upcycle', 'dense', 'llama_moe', 'olmoe')",
-               "--config.llama_moe.split=sharing_inter", "--config.llama_moe.shared_experts=3",
+               "--config.llama_moe.split=sharing_inter", "--config.llama_moe.shared_experts=8",
                "--config.llama_moe.reweighting=loss", "--config.llama_moe.reweight_every=4",
                "--config.btx.task_examples=0")  # perplexity only: decoding costs compiles
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -309,7 +309,7 @@ def test_baselines_join_a_finished_run_each_with_its_flops(btx_run, joined):  # 
     assert f"[btx] stage {i}/11 {stage}: starting" in out
   assert "eval's settings or inputs changed" in out and (workdir / "results.json.old").exists()
   assert "[btx] stage 11/11 export: already complete" in out
-  assert "into 8 experts of 32 (sharing_inter)" in out
+  assert "into 8 experts of 16 (sharing_inter)" in out
   assert "[llama_moe] neuron importance over 4 batches of each of code, general" in out
   assert "[llama_moe] domain weights code" in out  # re-weighted every 4 steps
 
@@ -332,10 +332,10 @@ def test_baselines_join_a_finished_run_each_with_its_flops(btx_run, joined):  # 
     assert abs(rows[name]["compute"]["flops"] - budget) <= rows[name]["compute"]["flops"] / steps
   assert checkpoint.load_config(workdir / "upcycle").moe.n_experts == 3
   split = checkpoint.load_config(workdir / "llama_moe")
-  assert (split.moe.n_experts, split.moe.d_ff, split.moe.n_shared_experts) == (8, 32, 3)
+  assert (split.moe.n_experts, split.moe.d_ff, split.moe.n_shared_experts) == (8, 16, 8)
   assert split.moe.output_scale == 4.0 and split.moe.router == "noisy_mlp"
   olmoe = checkpoint.load_config(workdir / "olmoe")
-  assert olmoe.qk_norm and (olmoe.moe.n_experts, olmoe.moe.top_k, olmoe.moe.d_ff) == (16, 4, 88)
+  assert olmoe.qk_norm and (olmoe.moe.n_experts, olmoe.moe.top_k, olmoe.moe.d_ff) == (16, 4, 64)
   assert not olmoe.moe.renormalize and olmoe.moe.routing == "softmax_topk"
 
 

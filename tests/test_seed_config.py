@@ -15,6 +15,7 @@ from jbtx.interop import checkpoint
 from jbtx.pipeline import curves
 from tests.training_runs import run_env  # noqa: F401 (fixture)
 
+PLATEAU_CRITERION = 0.01  # less than 1% improvement over the last 20% of the steps
 SHORT = ("--config.train.steps=10", "--config.train.eval_every=2",
          "--config.train.eval_batches=1", "--config.train.log_every=5",
          "--config.optimizer.warmup_steps=2",
@@ -45,8 +46,8 @@ def test_the_seed_command_is_bitwise_reproducible_and_records_its_curve(tmp_path
 
 def test_the_shipped_seed_is_configs_seed_with_its_curve():
   """The checkpoint configs/btx.py starts from: the model of configs/seed.py, trained
-  its steps, validated every 5% of them. Its loss fell 1.15% over the last 20% of its
-  steps (docs/benchmarks.md): near a plateau, but not under the 1% of the criterion."""
+  its steps, validated every 5% of them. Over the last 20% of its steps its loss did not
+  fall (it rose 0.96%, docs/benchmarks.md): the plateau criterion, under 1%, holds."""
   config = from_mapping(ExperimentConfig, seed.get_config())
   record = checkpoint.read_record(demo.SEED_DIR)
   assert checkpoint.load_config(demo.SEED_DIR) == config.model
@@ -54,5 +55,6 @@ def test_the_shipped_seed_is_configs_seed_with_its_curve():
   assert metrics["steps"] == seed.STEPS
   curve = metrics["curve"]
   assert [p["step"] for p in curve] == list(range(0, seed.STEPS + 1, seed.STEPS // 20))
-  assert curves.improvement(curve, seed.PLATEAU_WINDOW) == pytest.approx(0.0115, abs=5e-5)
+  assert curves.improvement(curve, seed.PLATEAU_WINDOW) == pytest.approx(-0.0096, abs=5e-5)
+  assert curves.improvement(curve, seed.PLATEAU_WINDOW) < PLATEAU_CRITERION
   assert curve[-1]["loss"] < curve[0]["loss"] / 4

@@ -156,7 +156,7 @@ def test_importance_is_activation_times_gradient_from_a_direct_jax_grad():
 
 @pytest.mark.parametrize("method", ["random", "clustering"])
 def test_the_stage_partitions_every_layer_of_the_seed(method):
-  """`llama_moe.partitions` on the demo seed's shape (2 layers of 352 neurons, 8 experts)."""
+  """`llama_moe.partitions` on the demo seed's shape (2 layers of 256 neurons, 8 experts)."""
   raw = btx_short.get_config()
   raw.llama_moe.split = method
   config = from_mapping(ExperimentConfig, raw)
@@ -165,5 +165,5 @@ def test_the_stage_partitions_every_layer_of_the_seed(method):
   layers = llama_moe.partitions(config, dense)
   assert len(layers) == 2
   for partition in layers:
-    assert partition.experts.shape == (8, 44)
-    np.testing.assert_array_equal(_counts(partition, 352), np.ones(352))
+    assert partition.experts.shape == (8, 32)
+    np.testing.assert_array_equal(_counts(partition, 256), np.ones(256))

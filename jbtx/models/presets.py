@@ -6,7 +6,7 @@ of Meta's release): d_ff follows Meta's rule
 Mixtral 8x7B follows its `config.json`; OLMoE-1B-7B follows the OLMoE paper (vocab 50280
 padded to 50304, QK-norm, 64 experts of width 1024, top-8 of a softmax over all 64
 without renormalisation, LB 0.01 and z-loss 0.001); SmolLM2-135M its `config.json`.
-The tiny presets are for tests and the CPU demo.
+`demo` is the CPU demo's model; the tiny and micro presets are for tests.
 """
 
 from __future__ import annotations
@@ -41,10 +41,13 @@ _PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "smollm2_135m": lambda: ModelConfig(
         vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
         rope_theta=100000.0, norm_eps=1e-5, max_seq_len=8192, tie_embeddings=True),
-    # 0.80M parameters, byte vocabulary: the CPU demo and most tests.
+    # 0.35M parameters, byte vocabulary: the CPU demo (its seed, configs/seed.py).
+    "demo": lambda: ModelConfig(vocab_size=259, d_model=96, n_layers=3, n_heads=4,
+                                n_kv_heads=2, d_ff=256, max_seq_len=512),
+    # 0.80M parameters, byte vocabulary: most tests.
     "tiny": lambda: ModelConfig(vocab_size=259, d_model=128, n_layers=4, n_heads=4,
                                 n_kv_heads=2, d_ff=352, max_seq_len=512),
-    # 4 experts of the tiny model's FFN width, top-2: BTX-shaped demo and tests.
+    # 4 experts of the tiny model's FFN width, top-2: BTX-shaped tests.
     "tiny_moe": lambda: ModelConfig(vocab_size=259, d_model=128, n_layers=4, n_heads=4,
                                     n_kv_heads=2, d_ff=352, max_seq_len=512,
                                     moe=MoEConfig(n_experts=4, top_k=2)),

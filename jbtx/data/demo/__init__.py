@@ -8,7 +8,7 @@ into `<data_dir>/demo/<domain>-<version>/` as `{train,validation,test}.jsonl` (o
 math and knowledge. The directory appears atomically (written under a temporary name,
 then renamed), so concurrent builders and interrupted builds are harmless.
 
-`seed/` (`SEED_DIR`) is the demo's seed checkpoint, the tiny model pretrained on these
+`seed/` (`SEED_DIR`) is the demo's seed checkpoint, the `demo` model pretrained on these
 domains by `configs/seed.py`; `configs/btx.py` starts from it.
 """
 
