@@ -148,10 +148,10 @@ def test_ensemble_decoding_with_one_hot_weights_is_that_experts_decoding():
     np.testing.assert_array_equal(ours, alone)
 
 
-def _reference_ensemble(model, trees, prompt, n_new, top_k, smoothing):
+def _reference_ensemble(apply, trees, prompt, n_new, top_k, smoothing):
   """Greedy decoding from the mixture by recomputing every expert on the whole sequence
-  at each step: the posterior from all targets so far, mixed at the last position."""
-  apply = jax.jit(lambda params, seq: jax.nn.log_softmax(model.apply({"params": params}, seq)))
+  at each step: the posterior from all targets so far, mixed at the last position.
+  `apply(params, tokens [1, 16])` is an expert's log-probabilities."""
   tokens = list(prompt)
   for _ in range(n_new):
     seq = np.zeros((1, 16), np.int32)  # a causal model: what follows the sequence is unread
@@ -172,8 +172,9 @@ def test_ensemble_decoding_under_the_posterior_matches_recomputing_each_step(top
   prompts, lengths = _prompts(model.config.vocab_size)
   ours = np.asarray(btm.generate_ensemble(model, btm.stack_params(trees), prompts, lengths, 5,
                                           top_k=top_k, smoothing=0.05))
+  apply = jax.jit(lambda params, seq: jax.nn.log_softmax(model.apply({"params": params}, seq)))
   for row, n in enumerate(np.asarray(lengths).tolist()):
-    expected = _reference_ensemble(model, trees, np.asarray(prompts[row, :n]).tolist(), 5,
+    expected = _reference_ensemble(apply, trees, np.asarray(prompts[row, :n]).tolist(), 5,
                                    top_k, 0.05)
     np.testing.assert_array_equal(ours[row], expected)
 
