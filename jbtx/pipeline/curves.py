@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from jbtx.interop import checkpoint
+from jbtx.pipeline.workdir import recorded_compute
 
 Point = dict[str, Any]
 NOTE = ("validation loss (mean over domains, and each domain's) at the row's training "
@@ -34,17 +35,13 @@ def point(flops: float, domains: Mapping[str, float]) -> Point:
           "domains": {d: float(v) for d, v in domains.items()}}
 
 
-def _metrics(directory: pathlib.Path) -> dict[str, Any]:
-  return checkpoint.read_record(directory).get("metrics", {})
-
-
 def row_curve(stages: Sequence[str], output: Callable[[str], pathlib.Path]) -> list[Point]:
   """The curve of a row whose training is `stages` (the row's own stage last), each
   stage's checkpoint at `output(stage)`. Empty when its stage recorded no curve (a
   converted checkpoint)."""
   *before, own = stages
-  offset = sum(_metrics(output(s)).get("compute", {}).get("flops", 0.0) for s in before)
-  metrics = _metrics(output(own))
+  offset = sum(recorded_compute(output(s))["flops"] for s in before)
+  metrics = checkpoint.read_record(output(own)).get("metrics", {})
   if "curve" not in metrics:
     return []
   flops, steps = metrics["compute"]["flops"], metrics["steps"]
